@@ -9,3 +9,47 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.dirname(__file__))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from trb_trl.tiny_models import END_OF_TEXT, IM_END, build_tiny_qwen3, build_word_tokenizer, write_tiny_pair  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_word_tokenizer([f"w{i}" for i in range(61)])  # 64 tokens with the specials
+
+
+@pytest.fixture(scope="session")
+def student(tokenizer):
+    return build_tiny_qwen3(len(tokenizer), hidden_size=32, num_layers=2, eos_token_id=tokenizer.eos_token_id, seed=1)
+
+
+@pytest.fixture(scope="session")
+def teacher(tokenizer):
+    return build_tiny_qwen3(
+        len(tokenizer), hidden_size=48, num_layers=3, num_heads=4, eos_token_id=tokenizer.eos_token_id, seed=2
+    )
+
+
+@pytest.fixture(scope="session")
+def eos_ids(tokenizer):
+    return tokenizer.convert_tokens_to_ids([END_OF_TEXT, IM_END])
+
+
+@pytest.fixture
+def left_padded_batch(tokenizer):
+    texts = ["w1 w2 w3 w4 w5 w6 w7", "w8", "w9 w10 w11", "w12 w13 w14 w15 w16"]
+    return tokenizer(texts, return_tensors="pt", padding=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_pair_dir(tmp_path_factory):
+    """A tokenizer, student and teacher saved to disk (padded lm_heads, Base/instruct-style EOS ids)."""
+    return write_tiny_pair(tmp_path_factory.mktemp("tiny_pair"))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

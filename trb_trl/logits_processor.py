@@ -1,0 +1,305 @@
+"""A `transformers.LogitsProcessor` that samples from the trust-region blend of the student and a teacher."""
+
+import time
+from collections.abc import Iterable
+
+import torch
+from transformers import LogitsProcessor
+
+from .blending import trust_region_blend
+
+
+def _as_id_list(token_ids: int | Iterable[int] | torch.Tensor | None) -> list[int]:
+    if token_ids is None:
+        return []
+    if isinstance(token_ids, torch.Tensor):
+        return [int(t) for t in token_ids.flatten().tolist()]
+    if isinstance(token_ids, int):
+        return [token_ids]
+    return [int(t) for t in token_ids]
+
+
+def output_vocab_size(model: torch.nn.Module) -> int:
+    """Number of rows of the model's output projection (may exceed the tokenizer length: padded lm_head rows)."""
+    embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(embeddings, "weight", None)
+    if weight is not None and weight.dim() == 2 and weight.numel() > 0:  # ZeRO-3 partitioned weights have numel 0
+        return int(weight.shape[0])
+    return int(model.config.get_text_config().vocab_size)
+
+
+class TrustRegionBlendingProcessor(LogitsProcessor):
+    r"""Samples each token from mu* proportional to pi_S^(1-beta*) pi_T^beta*, the trust-region blend of the student
+    (the model being generated from) and a teacher, with beta* the largest weight keeping KL(mu* || pi_S) <= epsilon.
+
+    The teacher runs incrementally next to the student with its own KV cache: the first call feeds the prompt, each
+    later call only the newly sampled token, with positions taken from `prompt_attention_mask` (left padding)
+    extended by ones, exactly as `generate` does for the student. Use one instance per `generate` call.
+
+    Temperature: transformers applies its temperature, top-k and top-p warpers *after* custom processors. This
+    processor blends the distributions tempered by `temperature` and returns `temperature * log mu*`, so after the
+    temperature warper of `generate(do_sample=True, temperature=temperature)` tokens are drawn from exactly mu*; top-k
+    and top-p then truncate mu* as they would truncate pi_S, and greedy decoding takes argmax mu*. Pass the same
+    temperature here and to `generate`.
+
+    Banned tokens (scores already at `-inf`, e.g. from `min_new_tokens` or `suppress_tokens`) keep zero mass; the
+    teacher is renormalised over the allowed tokens. Rows of the student scores beyond `vocab_size` (padded lm_head
+    rows) are set to `-inf`.
+
+    Args:
+        teacher_model (`PreTrainedModel`):
+            The teacher, on the same device as the student, sharing its tokenizer.
+        epsilon (`float` or `torch.Tensor` of shape `(batch_size,)`):
+            KL budget per token. `0` returns the scores untouched and never calls the teacher.
+        prompt_attention_mask (`torch.Tensor` of shape `(batch_size, prompt_length)`, *optional*):
+            The attention mask passed to `generate` (left padding). Defaults to all ones.
+        temperature (`float`, *optional*, defaults to `1.0`):
+            The sampling temperature given to `generate`.
+        vocab_size (`int`, *optional*):
+            Number of real tokens (`len(tokenizer)`). Required when the student and teacher output sizes differ
+            (padded lm_head rows, e.g. 151936 vs 152064); both are cut to it.
+        student_eos_token_id (`int` or `list[int]`, *optional*):
+            The student's stop ids; the first is its canonical stop token. Rows that emitted one are finished and left
+            out of the statistics. Defaults to the teacher's stop ids (same stop convention, nothing to map).
+        teacher_eos_token_id (`int` or `list[int]`, *optional*):
+            The teacher's stop ids, defaulting to its generation config. The teacher's mass on stop ids the student
+            does not use is moved onto the student's canonical stop id before blending, so that a Base student
+            (`<|endoftext|>`) and an instruct teacher (`<|im_end|>`) agree on "stop".
+
+    Example:
+
+    ```python
+    >>> processor = TrustRegionBlendingProcessor(
+    ...     teacher, epsilon=0.02, prompt_attention_mask=inputs["attention_mask"], temperature=0.7,
+    ...     vocab_size=len(tokenizer), student_eos_token_id=tokenizer.eos_token_id,
+    ... )
+    >>> out = student.generate(**inputs, do_sample=True, temperature=0.7, logits_processor=[processor])
+    >>> processor.summary()["beta/mean"]
+    ```
+    """
+
+    def __init__(
+        self,
+        teacher_model: torch.nn.Module,
+        epsilon: float | torch.Tensor,
+        *,
+        prompt_attention_mask: torch.Tensor | None = None,
+        temperature: float = 1.0,
+        vocab_size: int | None = None,
+        student_eos_token_id: int | list[int] | None = None,
+        teacher_eos_token_id: int | list[int] | None = None,
+    ):
+        if isinstance(epsilon, torch.Tensor):
+            if epsilon.dim() > 1:
+                raise ValueError(f"epsilon must be a float or a (batch_size,) tensor, got shape {tuple(epsilon.shape)}.")
+        elif not epsilon >= 0:
+            raise ValueError(f"epsilon must be >= 0, got {epsilon}.")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}.")
+        self.teacher_model = teacher_model
+        self.epsilon = epsilon
+        self.temperature = float(temperature)
+        self.prompt_attention_mask = prompt_attention_mask
+
+        self.teacher_vocab_size = output_vocab_size(teacher_model)
+        if vocab_size is not None and vocab_size > self.teacher_vocab_size:
+            raise ValueError(
+                f"The tokenizer has {vocab_size} tokens but the teacher only scores {self.teacher_vocab_size}: the "
+                "student and teacher do not share a vocabulary. Use a teacher with the student's tokenizer."
+            )
+        self.vocab_size = vocab_size
+
+        if teacher_eos_token_id is None:
+            generation_config = getattr(teacher_model, "generation_config", None)
+            teacher_eos_token_id = getattr(generation_config, "eos_token_id", None)
+        self.teacher_eos_token_ids = _as_id_list(teacher_eos_token_id)
+        # Without explicit student stop ids, the student is assumed to stop where the teacher does (no mapping).
+        self.student_eos_token_ids = (
+            _as_id_list(student_eos_token_id) if student_eos_token_id is not None else list(self.teacher_eos_token_ids)
+        )
+        # Teacher stop ids the student does not stop on are merged into the student's canonical stop id.
+        self._teacher_only_stop_ids = [t for t in self.teacher_eos_token_ids if t not in self.student_eos_token_ids]
+        if self._teacher_only_stop_ids and not self.student_eos_token_ids:
+            raise ValueError(
+                f"The teacher stops on token ids {self._teacher_only_stop_ids} but `student_eos_token_id` is empty; "
+                "pass the student's stop id so that the teacher's stop mass can be mapped onto it."
+            )
+
+        self._cache = None
+        self._attention_mask = None
+        self._next_position = None
+        self._length = None
+        self._finished = None
+        self._shared_vocab = None
+        self._stop_tensors = None
+        self._student_stop_tensor = None
+        self._records: list[tuple[torch.Tensor, ...]] = []
+        self._teacher_seconds = 0.0
+        self._teacher_forwards = 0
+        self._cuda_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    @property
+    def is_active(self) -> bool:
+        """False when epsilon is the float 0: the processor is then the identity and never calls the teacher."""
+        return isinstance(self.epsilon, torch.Tensor) or self.epsilon > 0
+
+    def _resolve_vocab(self, student_vocab: int) -> int:
+        if self.vocab_size is not None:
+            if self.vocab_size > student_vocab:
+                raise ValueError(
+                    f"vocab_size={self.vocab_size} but the student only scores {student_vocab} tokens: the student "
+                    "and teacher do not share a vocabulary."
+                )
+            return self.vocab_size
+        if student_vocab != self.teacher_vocab_size:
+            raise ValueError(
+                f"The student scores {student_vocab} tokens and the teacher {self.teacher_vocab_size}. If they share a "
+                "tokenizer and only the lm_head is padded, pass `vocab_size=len(tokenizer)`; otherwise the models "
+                "cannot be blended."
+            )
+        return student_vocab
+
+    @torch.no_grad()
+    def _teacher_step(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        """Advance the teacher by the tokens it has not seen and return its next-token logits, (batch, vocab)."""
+        device = input_ids.device
+        if self._cache is None:
+            mask = self.prompt_attention_mask
+            if mask is None:
+                mask = torch.ones_like(input_ids)
+            mask = mask.to(device=device, dtype=torch.long)
+            if mask.shape != input_ids.shape:
+                raise ValueError(
+                    f"prompt_attention_mask has shape {tuple(mask.shape)} but generation started from input_ids of "
+                    f"shape {tuple(input_ids.shape)}; pass the attention mask given to `generate`."
+                )
+            position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+            new_tokens = input_ids
+            self._finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
+        else:
+            if input_ids.shape[1] != self._length + 1:
+                raise RuntimeError(
+                    "TrustRegionBlendingProcessor expects one new token per call (plain sampling or greedy search, "
+                    f"one instance per generate call); it saw length {self._length} and now {input_ids.shape[1]}."
+                )
+            mask = torch.cat([self._attention_mask, self._attention_mask.new_ones(input_ids.shape[0], 1)], dim=1)
+            position_ids = self._next_position
+            new_tokens = input_ids[:, -1:]
+        outputs = self.teacher_model(
+            input_ids=new_tokens,
+            attention_mask=mask,
+            position_ids=position_ids,
+            past_key_values=self._cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self._cache = outputs.past_key_values
+        self._attention_mask = mask
+        self._next_position = position_ids[:, -1:] + 1
+        self._length = input_ids.shape[1]
+        return outputs.logits[:, -1, :]
+
+    def _map_teacher_stop_mass(self, teacher_logits: torch.Tensor) -> torch.Tensor:
+        if not self._teacher_only_stop_ids:
+            return teacher_logits
+        if self._stop_tensors is None:
+            ids = [self.student_eos_token_ids[0], *self._teacher_only_stop_ids]
+            ids = [i for i in ids if i < teacher_logits.shape[-1]]
+            self._stop_tensors = (
+                torch.tensor(ids, device=teacher_logits.device),
+                torch.tensor(ids[1:], device=teacher_logits.device, dtype=torch.long),
+            )
+        stop_ids, teacher_only = self._stop_tensors
+        stop_mass = torch.logsumexp(teacher_logits[:, stop_ids], dim=-1)
+        teacher_logits = teacher_logits.clone()
+        teacher_logits[:, teacher_only] = float("-inf")
+        teacher_logits[:, stop_ids[0]] = stop_mass
+        return teacher_logits
+
+    def _update_finished(self, input_ids: torch.LongTensor) -> None:
+        if self._length is None or not self.student_eos_token_ids:
+            return
+        if self._student_stop_tensor is None:
+            self._student_stop_tensor = torch.tensor(self.student_eos_token_ids, device=input_ids.device)
+        self._finished |= torch.isin(input_ids[:, -1], self._student_stop_tensor)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        if not self.is_active:
+            return scores
+        if self._shared_vocab is None:
+            self._shared_vocab = self._resolve_vocab(scores.shape[-1])
+        vocab = self._shared_vocab
+        self._update_finished(input_ids)
+
+        start = self._timer_start(scores.device)
+        teacher_logits = self._teacher_step(input_ids)
+        self._timer_stop(scores.device, start)
+
+        teacher_logits = self._map_teacher_stop_mass(teacher_logits[:, :vocab].float())
+        epsilon = self.epsilon
+        if isinstance(epsilon, torch.Tensor):
+            epsilon = epsilon.to(scores.device)
+        blend = trust_region_blend(scores[:, :vocab], teacher_logits, epsilon, temperature=self.temperature)
+        self._records.append((blend.beta, blend.kl_to_student, blend.kl_to_teacher, ~self._finished.clone()))
+        blended = scores.new_full(scores.shape, float("-inf"))
+        blended[:, :vocab] = (blend.logprobs * self.temperature).to(scores.dtype)
+        return blended
+
+    def _timer_start(self, device: torch.device):
+        if device.type == "cuda":
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+            return start
+        return time.perf_counter()
+
+    def _timer_stop(self, device: torch.device, start) -> None:
+        self._teacher_forwards += 1
+        if device.type == "cuda":
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._cuda_events.append((start, end))
+        else:
+            self._teacher_seconds += time.perf_counter() - start
+
+    @property
+    def teacher_seconds(self) -> float:
+        """Wall time spent in teacher forwards (CUDA event time on GPU; synchronises once when read)."""
+        if self._cuda_events:
+            torch.cuda.synchronize()
+            self._teacher_seconds += sum(s.elapsed_time(e) for s, e in self._cuda_events) / 1000.0
+            self._cuda_events.clear()
+        return self._teacher_seconds
+
+    @property
+    def teacher_forwards(self) -> int:
+        """Number of teacher forwards this processor ran."""
+        return self._teacher_forwards
+
+    def statistics(self) -> dict[str, torch.Tensor]:
+        """Per-token statistics over rows that had not finished, flattened over steps: `beta`, `kl_to_student`,
+        `kl_to_teacher` (float32 tensors of equal length)."""
+        if not self._records:
+            empty = torch.zeros(0)
+            return {"beta": empty, "kl_to_student": empty, "kl_to_teacher": empty}
+        beta, kl_student, kl_teacher, valid = (torch.stack(x) for x in zip(*self._records))
+        return {"beta": beta[valid], "kl_to_student": kl_student[valid], "kl_to_teacher": kl_teacher[valid]}
+
+    def summary(self) -> dict[str, float]:
+        """Aggregates for logging: beta mean/min/max, the fraction of tokens drawn from the teacher (beta* = 1),
+        KL(mu||pi_S) mean/max, KL(mu||pi_T) mean, the number of blended tokens and the teacher time."""
+        stats = self.statistics()
+        beta = stats["beta"]
+        num_tokens = int(beta.numel())
+        if num_tokens == 0:
+            return {"num_tokens": 0, "teacher_seconds": self.teacher_seconds}
+        return {
+            "beta/mean": beta.mean().item(),
+            "beta/min": beta.min().item(),
+            "beta/max": beta.max().item(),
+            "teacher_fraction": (beta >= 1.0).float().mean().item(),
+            "kl_to_student/mean": stats["kl_to_student"].mean().item(),
+            "kl_to_student/max": stats["kl_to_student"].max().item(),
+            "kl_to_teacher/mean": stats["kl_to_teacher"].mean().item(),
+            "num_tokens": num_tokens,
+            "teacher_seconds": self.teacher_seconds,
+        }
