@@ -112,7 +112,9 @@ def test_sampled_tokens_follow_the_reference_blend(student, teacher, tokenizer):
         teacher.lm_head.weight.data /= 20
     student_row = student_logits.double().numpy().copy()
     student_row[suppressed] = -np.inf
-    ref_logprobs, ref_beta, _, _ = blend_row_reference(student_row, teacher_logits.double().numpy(), epsilon, temperature)
+    ref_logprobs, ref_beta, _, _ = blend_row_reference(
+        student_row, teacher_logits.double().numpy(), epsilon, temperature
+    )
     assert 0.0 < ref_beta < 1.0
     counts = np.bincount(sequences[:, -1].numpy(), minlength=len(tokenizer))
     assert counts[suppressed].sum() == 0

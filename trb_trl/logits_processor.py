@@ -91,7 +91,9 @@ class TrustRegionBlendingProcessor(LogitsProcessor):
     ):
         if isinstance(epsilon, torch.Tensor):
             if epsilon.dim() > 1:
-                raise ValueError(f"epsilon must be a float or a (batch_size,) tensor, got shape {tuple(epsilon.shape)}.")
+                raise ValueError(
+                    f"epsilon must be a float or a (batch_size,) tensor, got shape {tuple(epsilon.shape)}."
+                )
         elif not epsilon >= 0:
             raise ValueError(f"epsilon must be >= 0, got {epsilon}.")
         if not temperature > 0:
