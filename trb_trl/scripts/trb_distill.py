@@ -1,0 +1,161 @@
+"""
+On-policy distillation with Trust-Region behaviour Blending (TRB) warmup.
+
+# Qwen3-1.7B-Base <- Qwen3-8B on 8 GPUs with DeepSpeed ZeRO-3
+```bash
+accelerate launch --config_file recipes/accelerate/zero3.yaml -m trb_trl.scripts.trb_distill \
+    --config recipes/qwen3_1p7b.yaml
+```
+
+# Same, through the CLI (accelerate settings from the recipe's `accelerate_config`)
+```bash
+trb-trl train recipes/qwen3_1p7b.yaml --trb_epsilon 0.01 --trb_warmup_steps 25
+```
+
+# Tiny CPU run on locally built models (no GPU, no Hub)
+```bash
+python scripts/make_tiny_models.py outputs/tiny && trb-trl train recipes/tiny_cpu.yaml
+```
+"""
+
+import argparse
+from dataclasses import dataclass, field
+
+from trb_trl._compat import (
+    DatasetMixtureConfig,
+    ModelConfig,
+    ScriptArguments,
+    TrlParser,
+    get_dataset,
+    get_peft_config,
+    get_quantization_config,
+)
+from trb_trl.trb_distill_config import TRBDistillConfig
+
+
+@dataclass
+class TRBScriptArguments(ScriptArguments):
+    r"""
+    Script arguments for `trb_distill.py`: TRL's [`~trl.ScriptArguments`] plus how prompts are read.
+
+    Parameters:
+        dataset_name (`str`, *optional*):
+            Hub dataset name, or a local `.jsonl` / `.json` / `.parquet` / `.csv` prompt file.
+        prompt_column (`str`, *optional*, defaults to `"prompt"`):
+            Column holding the prompt (a string or chat messages). OpenThoughts-style `conversations` and
+            `problem` / `question` columns are recognised when it is absent.
+        system_prompt (`str`, *optional*):
+            System message prepended to every prompt.
+        dataset_domain (`str`, *optional*):
+            Keep only rows whose `domain` column equals this (OpenThoughts3: `"math"`, `"code"`, `"science"`).
+        max_train_prompts (`int`, *optional*):
+            Use a random subset of this many training prompts.
+        max_prompt_tokens (`int`, *optional*):
+            Drop prompts longer than this many tokens (chat template applied) instead of truncating them.
+        rollouts_per_prompt (`int`, *optional*, defaults to `1`):
+            Repeat every training prompt this many times. TRL samples one completion per prompt, so this is how the
+            paper's "64 prompts x 4 rollouts" per step is expressed (256 prompt copies per step).
+    """
+
+    prompt_column: str = field(default="prompt", metadata={"help": "Column holding the prompt (text or messages)."})
+    system_prompt: str | None = field(default=None, metadata={"help": "System message prepended to every prompt."})
+    dataset_domain: str | None = field(
+        default=None, metadata={"help": "Keep only rows whose 'domain' column equals this (e.g. 'math')."}
+    )
+    max_train_prompts: int | None = field(
+        default=None, metadata={"help": "Use a random subset of this many training prompts."}
+    )
+    max_prompt_tokens: int | None = field(
+        default=None, metadata={"help": "Drop prompts longer than this many tokens (chat template applied)."}
+    )
+    rollouts_per_prompt: int = field(
+        default=1, metadata={"help": "Repeat every training prompt this many times (one completion per copy)."}
+    )
+
+
+def main(script_args, training_args, model_args, dataset_args):
+    from datasets import concatenate_datasets
+
+    from trb_trl.prompt_data import drop_long_prompts, load_prompt_dataset, to_chat_prompt
+    from trb_trl.trb_distill_trainer import TRBDistillTrainer
+
+    if training_args.teacher_model_name_or_path is None:
+        raise ValueError("A teacher model is required. Set `teacher_model_name_or_path` in the recipe or CLI.")
+    model_init_kwargs = dict(
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+        attn_implementation=model_args.attn_implementation,
+        dtype=model_args.dtype,
+    )
+    training_args.model_init_kwargs = {**model_init_kwargs, **(training_args.model_init_kwargs or {})}
+    teacher_init_kwargs = dict(
+        model_init_kwargs, revision=training_args.teacher_model_revision
+    )  # the teacher is deliberately not quantized
+    training_args.teacher_model_init_kwargs = {
+        **teacher_init_kwargs,
+        **(training_args.teacher_model_init_kwargs or {}),
+    }
+
+    prompt_options = dict(
+        prompt_column=script_args.prompt_column,
+        system_prompt=script_args.system_prompt,
+        domain=script_args.dataset_domain,
+        seed=training_args.seed,
+    )
+    if dataset_args.datasets:
+        train_dataset = get_dataset(dataset_args)[script_args.dataset_train_split].map(
+            to_chat_prompt,
+            fn_kwargs={"prompt_column": script_args.prompt_column, "system_prompt": script_args.system_prompt},
+        )
+    elif script_args.dataset_name:
+        train_dataset = load_prompt_dataset(
+            script_args.dataset_name,
+            config=script_args.dataset_config,
+            split=script_args.dataset_train_split,
+            max_samples=script_args.max_train_prompts,
+            **prompt_options,
+        )
+    else:
+        raise ValueError("Set `dataset_name` (a Hub dataset or a local prompt file) or `datasets`.")
+    if script_args.max_prompt_tokens is not None:
+        train_dataset = drop_long_prompts(train_dataset, model_args.model_name_or_path, script_args.max_prompt_tokens)
+    if script_args.rollouts_per_prompt > 1:
+        train_dataset = concatenate_datasets([train_dataset] * script_args.rollouts_per_prompt)
+    eval_dataset = None
+    if training_args.eval_strategy != "no" and script_args.dataset_name:
+        eval_dataset = load_prompt_dataset(
+            script_args.dataset_name,
+            config=script_args.dataset_config,
+            split=script_args.dataset_test_split,
+            **prompt_options,
+        )
+
+    trainer = TRBDistillTrainer(
+        model=model_args.model_name_or_path,
+        teacher_model=training_args.teacher_model_name_or_path,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        quantization_config=get_quantization_config(model_args),
+        peft_config=get_peft_config(model_args),
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    trainer.end()
+    return trainer
+
+
+def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str | None = None):
+    dataclass_types = (TRBScriptArguments, TRBDistillConfig, ModelConfig, DatasetMixtureConfig)
+    if subparsers is not None:
+        return subparsers.add_parser("train", help="Run TRB distillation", dataclass_types=dataclass_types)
+    return TrlParser(dataclass_types, prog=prog)
+
+
+if __name__ == "__main__":
+    parser = make_parser()
+    script_args, training_args, model_args, dataset_args = parser.parse_args_and_config(fail_with_unknown_args=False)
+    main(script_args, training_args, model_args, dataset_args)

@@ -1,0 +1,90 @@
+import math
+from dataclasses import dataclass, field
+
+from ._compat import DistillationConfig
+from .schedules import KL_BUDGET_SCHEDULES
+
+
+@dataclass
+class TRBDistillConfig(DistillationConfig):
+    r"""
+    Configuration class for the [`TRBDistillTrainer`].
+
+    Extends [`~trl.DistillationConfig`] with the Trust-Region behaviour Blending (TRB) warmup. Every other field is
+    the parent's and means the same thing; with `trb_epsilon=0` the trainer is exactly `DistillationTrainer`.
+
+    Parameters:
+        > Parameters that control the trust-region rollouts
+
+        trb_epsilon (`float`, *optional*, defaults to `0.02`):
+            Initial per-token KL budget epsilon_0 (nats): rollout tokens are drawn from the blend
+            mu = pi_S^(1-beta) pi_T^beta with the largest beta keeping KL(mu || pi_S) <= epsilon. `0` disables TRB.
+        trb_warmup_steps (`int`, *optional*, defaults to `50`):
+            Number K of optimizer steps over which the `"linear"` schedule anneals epsilon to 0. From step K on,
+            rollouts are the parent's plain student sampling and cost exactly what the parent costs.
+        trb_schedule (`str`, *optional*, defaults to `"linear"`):
+            KL-budget schedule over optimizer steps k: `"linear"` (the paper's warmup,
+            epsilon_k = epsilon_0 (1 - k/K) for k < K, then 0) or `"constant"` (the fixed-epsilon baseline,
+            epsilon_k = epsilon_0 at every step).
+        trb_gather_teacher_for_generation (`bool`, *optional*, defaults to `True`):
+            DeepSpeed ZeRO-3 only, the teacher's counterpart of `ds3_gather_for_generation`: gather the teacher's
+            parameters (and lift its ZeRO-3 hooks) for the length of each TRB rollout, so that no teacher forward
+            needs a collective while ranks finish at different lengths.
+    """
+
+    trb_epsilon: float = field(
+        default=0.02,
+        metadata={
+            "help": "Initial per-token KL budget epsilon_0 (nats) of the trust-region behaviour policy: rollout "
+            "tokens are drawn from mu = pi_S^(1-beta) pi_T^beta with the largest beta keeping KL(mu||pi_S) <= "
+            "epsilon. 0 disables TRB."
+        },
+    )
+    trb_warmup_steps: int = field(
+        default=50,
+        metadata={
+            "help": "Number K of optimizer steps over which the 'linear' schedule anneals epsilon to 0; afterwards "
+            "rollouts are plain student sampling."
+        },
+    )
+    trb_schedule: str = field(
+        default="linear",
+        metadata={
+            "help": "KL-budget schedule: 'linear' (epsilon_0 (1 - k/K) for k < K, then 0; the paper's warmup) or "
+            "'constant' (epsilon_0 at every step; the fixed-epsilon baseline).",
+            "choices": sorted(KL_BUDGET_SCHEDULES),
+        },
+    )
+    trb_gather_teacher_for_generation: bool = field(
+        default=True,
+        metadata={
+            "help": "DeepSpeed ZeRO-3 only: gather the teacher's parameters for the length of each TRB rollout, so "
+            "no teacher forward needs a collective while ranks finish at different lengths."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not (isinstance(self.trb_epsilon, int | float) and math.isfinite(self.trb_epsilon)) or self.trb_epsilon < 0:
+            raise ValueError(
+                f"trb_epsilon must be a finite number >= 0 (a per-token KL budget in nats), got {self.trb_epsilon}. "
+                "The paper uses values between 0.001 and 0.05; 0 disables TRB."
+            )
+        if not isinstance(self.trb_warmup_steps, int) or self.trb_warmup_steps < 1:
+            raise ValueError(
+                f"trb_warmup_steps must be an integer >= 1 (optimizer steps of warmup), got {self.trb_warmup_steps}."
+            )
+        if self.trb_schedule not in KL_BUDGET_SCHEDULES:
+            raise ValueError(f"trb_schedule must be one of {sorted(KL_BUDGET_SCHEDULES)}, got {self.trb_schedule!r}.")
+        if self.trb_epsilon > 0:
+            num_beams = (self.generation_kwargs or {}).get("num_beams", 1) or 1
+            if num_beams > 1:
+                raise ValueError(
+                    f"trb_epsilon > 0 does not support beam search (generation_kwargs num_beams={num_beams}): the "
+                    "trust-region blend defines a sampling distribution per prefix. Remove num_beams, or set "
+                    "trb_epsilon=0."
+                )
+            if self.temperature <= 0:
+                raise ValueError(
+                    f"trb_epsilon > 0 needs a sampling temperature > 0, got temperature={self.temperature}."
+                )
