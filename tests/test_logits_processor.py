@@ -256,3 +256,32 @@ def test_beam_search_is_rejected(student, teacher, left_padded_batch):
     processor = TrustRegionBlendingProcessor(teacher, 0.1, prompt_attention_mask=left_padded_batch["attention_mask"])
     with pytest.raises(ValueError, match="attention mask"):
         _generate(student, left_padded_batch, processor, num_beams=2, do_sample=False)
+
+
+def test_teacher_step_driven_by_the_student_forward_gives_identical_rollouts(
+    student, teacher, tokenizer, left_padded_batch
+):
+    """The ZeRO-3 path (teacher stepped from the student's forward) samples exactly what the processor path samples."""
+    outputs, forwards = [], []
+    for attach in (False, True):
+        calls, handle = _count_forwards(teacher)
+        processor = TrustRegionBlendingProcessor(
+            teacher,
+            torch.tensor([0.01, 0.05, 0.2, 1e9]),
+            prompt_attention_mask=left_padded_batch["attention_mask"],
+            temperature=0.8,
+            student_eos_token_id=tokenizer.eos_token_id,
+        )
+        if attach:
+            processor.attach_to_student(student)
+        torch.manual_seed(123)
+        try:
+            outputs.append(_generate(student, left_padded_batch, processor, do_sample=True, temperature=0.8))
+        finally:
+            processor.detach()
+            handle.remove()
+        forwards.append(len(calls))
+        assert processor.summary()["num_tokens"] > 0
+    assert torch.equal(outputs[0], outputs[1])
+    assert forwards[0] == forwards[1] == 12
+    assert not student._forward_pre_hooks  # detached

@@ -131,10 +131,13 @@ class TrustRegionBlendingProcessor(LogitsProcessor):
         self._attention_mask = None
         self._next_position = None
         self._length = None
+        self._prompt_length = None
         self._finished = None
         self._shared_vocab = None
         self._stop_tensors = None
         self._student_stop_tensor = None
+        self._student_hook = None
+        self._stashed_logits = None
         self._records: list[tuple[torch.Tensor, ...]] = []
         self._teacher_seconds = 0.0
         self._teacher_forwards = 0
@@ -162,31 +165,27 @@ class TrustRegionBlendingProcessor(LogitsProcessor):
         return student_vocab
 
     @torch.no_grad()
-    def _teacher_step(self, input_ids: torch.LongTensor) -> torch.Tensor:
-        """Advance the teacher by the tokens it has not seen and return its next-token logits, (batch, vocab)."""
-        device = input_ids.device
+    def _advance_teacher(self, new_tokens: torch.LongTensor) -> torch.Tensor:
+        """Feed the teacher the tokens it has not seen (the prompt first, then one token per step) and return its
+        next-token logits, (batch, vocab)."""
+        start = self._timer_start(new_tokens.device)
         if self._cache is None:
             mask = self.prompt_attention_mask
             if mask is None:
-                mask = torch.ones_like(input_ids)
-            mask = mask.to(device=device, dtype=torch.long)
-            if mask.shape != input_ids.shape:
+                mask = torch.ones_like(new_tokens)
+            mask = mask.to(device=new_tokens.device, dtype=torch.long)
+            if mask.shape != new_tokens.shape:
                 raise ValueError(
                     f"prompt_attention_mask has shape {tuple(mask.shape)} but generation started from input_ids of "
-                    f"shape {tuple(input_ids.shape)}; pass the attention mask given to `generate`."
+                    f"shape {tuple(new_tokens.shape)}; pass the attention mask given to `generate`."
                 )
             position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-            new_tokens = input_ids
-            self._finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
+            self._finished = torch.zeros(new_tokens.shape[0], dtype=torch.bool, device=new_tokens.device)
+            self._length = 0
+            self._prompt_length = new_tokens.shape[1]
         else:
-            if input_ids.shape[1] != self._length + 1:
-                raise RuntimeError(
-                    "TrustRegionBlendingProcessor expects one new token per call (plain sampling or greedy search, "
-                    f"one instance per generate call); it saw length {self._length} and now {input_ids.shape[1]}."
-                )
-            mask = torch.cat([self._attention_mask, self._attention_mask.new_ones(input_ids.shape[0], 1)], dim=1)
-            position_ids = self._next_position
-            new_tokens = input_ids[:, -1:]
+            mask = torch.cat([self._attention_mask, self._attention_mask.new_ones(new_tokens.shape)], dim=1)
+            position_ids = self._next_position + torch.arange(new_tokens.shape[1], device=new_tokens.device)
         outputs = self.teacher_model(
             input_ids=new_tokens,
             attention_mask=mask,
@@ -198,8 +197,52 @@ class TrustRegionBlendingProcessor(LogitsProcessor):
         self._cache = outputs.past_key_values
         self._attention_mask = mask
         self._next_position = position_ids[:, -1:] + 1
-        self._length = input_ids.shape[1]
+        self._length += new_tokens.shape[1]
+        self._timer_stop(new_tokens.device, start)
         return outputs.logits[:, -1, :]
+
+    def _teacher_logits(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        if self._student_hook is not None:  # the student's forward already advanced the teacher for this step
+            if self._stashed_logits is None or self._length != input_ids.shape[1]:
+                raise RuntimeError(
+                    "The teacher step attached to the student's forward is out of step with generation; attach the "
+                    "processor to the model that `generate` runs."
+                )
+            return self._stashed_logits
+        if self._cache is None:
+            return self._advance_teacher(input_ids)
+        if input_ids.shape[1] != self._length + 1:
+            raise RuntimeError(
+                "TrustRegionBlendingProcessor expects one new token per call (plain sampling or greedy search, "
+                f"one instance per generate call); it saw length {self._length} and now {input_ids.shape[1]}."
+            )
+        return self._advance_teacher(input_ids[:, -1:])
+
+    def attach_to_student(self, student: torch.nn.Module) -> None:
+        """Run the teacher step from `student`'s forward instead of from the processor call.
+
+        Under DeepSpeed ZeRO-3, `generate(synced_gpus=True)` keeps calling the student's forward on ranks that have
+        finished (every rank runs the same number of forwards) but skips the logits processors there. A sharded
+        teacher, whose forward gathers parameters with collectives, must therefore step where the student steps:
+        this forward pre-hook runs the teacher on every rank at every synced step, and the processor only reads the
+        result. Call `detach()` after `generate`.
+        """
+        if self._student_hook is not None:
+            raise RuntimeError("The processor is already attached to a student.")
+
+        def step_teacher(module, args, kwargs):
+            input_ids = kwargs.get("input_ids", args[0] if args else None)
+            if input_ids is None:
+                raise ValueError("The teacher step needs the student's `input_ids` (inputs_embeds are not supported).")
+            self._stashed_logits = self._advance_teacher(input_ids)
+
+        self._student_hook = student.register_forward_pre_hook(step_teacher, with_kwargs=True)
+
+    def detach(self) -> None:
+        """Remove the hook installed by `attach_to_student`."""
+        if self._student_hook is not None:
+            self._student_hook.remove()
+            self._student_hook = None
 
     def _map_teacher_stop_mass(self, teacher_logits: torch.Tensor) -> torch.Tensor:
         if not self._teacher_only_stop_ids:
@@ -219,7 +262,7 @@ class TrustRegionBlendingProcessor(LogitsProcessor):
         return teacher_logits
 
     def _update_finished(self, input_ids: torch.LongTensor) -> None:
-        if self._length is None or not self.student_eos_token_ids:
+        if self._finished is None or input_ids.shape[1] <= self._prompt_length or not self.student_eos_token_ids:
             return
         if self._student_stop_tensor is None:
             self._student_stop_tensor = torch.tensor(self.student_eos_token_ids, device=input_ids.device)
@@ -233,11 +276,7 @@ class TrustRegionBlendingProcessor(LogitsProcessor):
         vocab = self._shared_vocab
         self._update_finished(input_ids)
 
-        start = self._timer_start(scores.device)
-        teacher_logits = self._teacher_step(input_ids)
-        self._timer_stop(scores.device, start)
-
-        teacher_logits = self._map_teacher_stop_mass(teacher_logits[:, :vocab].float())
+        teacher_logits = self._map_teacher_stop_mass(self._teacher_logits(input_ids)[:, :vocab].float())
         epsilon = self.epsilon
         if isinstance(epsilon, torch.Tensor):
             epsilon = epsilon.to(scores.device)

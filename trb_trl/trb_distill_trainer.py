@@ -92,6 +92,10 @@ class TRBDistillTrainer(DistillationTrainer):
         shadowed = student.__dict__.get("generate")
         original_generate = student.generate
         gather = self.args.trb_gather_teacher_for_generation
+        # A teacher left sharded under ZeRO-3 needs collectives in its forward, so it must step wherever the student
+        # steps (finished ranks included), not in the logits processor, which `synced_gpus` skips on finished ranks.
+        step_with_student = self._dist.is_zero3 and not gather
+        hook_target = student.get_base_model() if hasattr(student, "get_base_model") else student
         try:
             with unwrap_model_for_generation(
                 self.teacher_model, self.accelerator, gather_deepspeed3_params=gather
@@ -110,7 +114,12 @@ class TRBDistillTrainer(DistillationTrainer):
                     self._trb_processors.append(processor)
                     processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
                     processors.append(processor)
-                    return original_generate(*args, logits_processor=processors, **kwargs)
+                    if step_with_student:
+                        processor.attach_to_student(hook_target)
+                    try:
+                        return original_generate(*args, logits_processor=processors, **kwargs)
+                    finally:
+                        processor.detach()
 
                 student.generate = generate_with_trust_region
                 yield

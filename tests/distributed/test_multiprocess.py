@@ -1,0 +1,141 @@
+"""Two-process launches on CPU (gloo) with TRB active and deliberately uneven rollout lengths.
+
+Rank 0's rollouts stop after two tokens while rank 1's run to the length limit. Under DeepSpeed ZeRO-3 with
+parameter caching off (`ds_z3_strict.json`), a sharded teacher stepped from a logits processor deadlocks here
+(`test_naive_teacher_step_deadlocks` shows it); the trainer's two paths (teacher gathered for the rollout, or
+stepped from the student's forward) must not. Every launch runs under a hang guard that dumps each rank's stack.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+LAUNCH_TIMEOUT = 420  # seconds for the whole launch (first DeepSpeed use JIT-builds a comm op: ~30-60 s)
+HANG_TIMEOUT = 180  # seconds after which each rank dumps its stack and exits
+
+CASES = {
+    "zero3_gathered_teacher": (HERE / "zero3_strict_cpu.yaml", ["--gather-teacher", "true"], 3),
+    "zero3_sharded_teacher": (HERE / "zero3_strict_cpu.yaml", ["--gather-teacher", "false"], 3),
+    "zero2": (HERE / "zero2_cpu.yaml", [], 2),
+    "ddp": (REPO / "recipes" / "accelerate" / "ddp_cpu.yaml", [], 0),
+}
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launch(config: Path, extra: list[str], models: str, out: Path, hang_timeout: float = HANG_TIMEOUT):
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".ci-cache" / "torch_extensions"))
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(config),
+        "--main_process_port",
+        str(_free_port()),
+        str(HERE / "trb_launch.py"),
+        "--models",
+        models,
+        "--out",
+        str(out),
+        "--uneven",
+        "--hang-timeout",
+        str(hang_timeout),
+        *extra,
+    ]
+    try:
+        return subprocess.run(
+            command, cwd=REPO, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, check=False
+        )
+    except subprocess.TimeoutExpired as error:  # the in-process guard should have fired first
+        pytest.fail(f"launch did not finish in {LAUNCH_TIMEOUT}s:\n{(error.stderr or b'')[-4000:]}")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny_models")
+    subprocess.run([sys.executable, str(REPO / "scripts" / "make_tiny_models.py"), str(directory)], check=True)
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def results(models, tmp_path_factory):
+    """Run every case once; tests below inspect the per-rank reports."""
+    outcomes = {}
+    for name, (config, extra, _) in CASES.items():
+        out = tmp_path_factory.mktemp(name)
+        process = _launch(config, extra, models, out)
+        ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1) if (out / f"rank{r}.json").exists()]
+        outcomes[name] = (process, ranks)
+    return outcomes
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_uneven_rollouts_finish_and_stay_in_sync(results, case):
+    process, ranks = results[case]
+    assert process.returncode == 0, f"{case} failed or hung:\n{process.stderr[-6000:]}"
+    assert len(ranks) == 2 and all(r["world_size"] == 2 for r in ranks)
+    assert all(r["zero_stage"] == CASES[case][2] for r in ranks)
+    # The lengths really were uneven: rank 0 stopped after a few tokens, rank 1 reached the limit.
+    assert max(max(step) for step in ranks[0]["completion_lengths"]) <= 3
+    assert max(max(step) for step in ranks[1]["completion_lengths"]) == 12
+    # Training kept the replicas identical.
+    assert ranks[0]["param_digest"] == ranks[1]["param_digest"]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_trb_metrics_are_reduced_across_ranks(results, case):
+    process, ranks = results[case]
+    assert process.returncode == 0
+    for rank in ranks:
+        warmup = [entry for entry in rank["logs"] if entry["trb/epsilon"] > 0]
+        assert [entry["trb/epsilon"] for entry in rank["logs"]] == pytest.approx([0.05, 0.025, 0.0])
+        for entry, local in zip(warmup, zip(ranks[0]["local_rollouts"], ranks[1]["local_rollouts"]), strict=True):
+            tokens = sum(r["tokens"] for r in local)
+            assert entry["trb/beta/mean"] == pytest.approx(sum(r["beta_sum"] for r in local) / tokens, rel=1e-5)
+            assert entry["trb/kl_to_student/max"] <= entry["trb/epsilon"] * (1 + 1e-3) + 2e-5
+    for a, b in zip(ranks[0]["logs"], ranks[1]["logs"], strict=True):  # every rank logs the same reduced values
+        assert {k: v for k, v in a.items() if k.startswith("trb/") and "seconds" not in k} == pytest.approx(
+            {k: v for k, v in b.items() if k.startswith("trb/") and "seconds" not in k}
+        )
+
+
+def test_sharded_teacher_steps_with_the_student_on_every_rank(results):
+    _, ranks = results["zero3_sharded_teacher"]
+    forwards = [[r["teacher_forwards"] for r in rank["local_rollouts"]] for rank in ranks]
+    assert forwards[0] == forwards[1]  # the finished rank kept stepping the teacher with the student
+
+
+def test_teacher_path_does_not_change_the_result(results):
+    gathered = results["zero3_gathered_teacher"][1]
+    sharded = results["zero3_sharded_teacher"][1]
+    assert gathered[0]["param_digest"] == sharded[0]["param_digest"]
+    assert gathered[0]["completion_lengths"] == sharded[0]["completion_lengths"]
+
+
+def test_naive_teacher_step_deadlocks(models, tmp_path):
+    """Negative control: the hazard is real here, so the passing cases above are evidence, not luck."""
+    process = _launch(
+        HERE / "zero3_strict_cpu.yaml",
+        ["--gather-teacher", "false", "--naive-teacher-step"],
+        models,
+        tmp_path,
+        hang_timeout=45,
+    )
+    assert process.returncode != 0
+    assert "Timeout" in process.stderr and "fetch_sub_module" in process.stderr

@@ -1,0 +1,153 @@
+"""Launched by tests/distributed/test_multiprocess.py under `accelerate launch` (2 processes, CPU, gloo).
+
+Trains TRB for a few steps on the tiny pair and writes what each rank saw to OUT/rank{N}.json. With `--uneven`, rank
+0's rollouts are forced to stop after two tokens while rank 1's run to the length limit, the case that deadlocks a
+sharded teacher stepped from a logits processor under `synced_gpus`. A hang dumps every rank's stack and exits.
+"""
+
+import argparse
+import faulthandler
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+
+def parse_args():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--uneven", action="store_true")
+    parser.add_argument("--gather-teacher", choices=["true", "false"], default="true")
+    parser.add_argument("--hang-timeout", type=float, default=240)
+    parser.add_argument("--max-steps", type=int, default=3)
+    parser.add_argument(
+        "--naive-teacher-step",
+        action="store_true",
+        help="Negative control: step a sharded teacher from the logits processor (the design that deadlocks).",
+    )
+    return parser.parse_args()
+
+
+def main():
+    args = parse_args()
+    faulthandler.dump_traceback_later(args.hang_timeout, exit=True)  # a hang fails fast, with per-rank stacks
+
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from trb_trl import TRBDistillConfig, TRBDistillTrainer, TrustRegionBlendingProcessor
+
+    if args.naive_teacher_step:
+        TrustRegionBlendingProcessor.attach_to_student = lambda self, student: None
+
+    rank = int(os.environ.get("RANK", 0))
+    models = Path(args.models)
+    tokenizer = AutoTokenizer.from_pretrained(models / "tokenizer")
+    prompts = Dataset.from_list([{"prompt": f"w{i} w{i + 1} w{i + 2} w{i % 7}"} for i in range(64)])
+    config = TRBDistillConfig(
+        output_dir=args.out,
+        trb_epsilon=0.05,
+        trb_warmup_steps=2,
+        trb_gather_teacher_for_generation=args.gather_teacher == "true",
+        max_steps=args.max_steps,
+        per_device_train_batch_size=2,
+        max_completion_length=12,
+        learning_rate=1e-3,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        save_strategy="no",
+        gradient_checkpointing=False,
+        seed=0,
+        shuffle_dataset=False,
+    )
+
+    local_rollouts = []
+
+    class RecordingTrainer(TRBDistillTrainer):
+        def _log_rollout_statistics(self):
+            stats = [p.statistics() for p in self._trb_processors]
+            beta = torch.cat([s["beta"] for s in stats])
+            local_rollouts.append(
+                {
+                    "step": self.state.global_step,
+                    "tokens": int(beta.numel()),
+                    "beta_sum": float(beta.sum()),
+                    "teacher_forwards": sum(p.teacher_forwards for p in self._trb_processors),
+                }
+            )
+            super()._log_rollout_statistics()
+
+    trainer = RecordingTrainer(
+        model=str(models / "student"),
+        teacher_model=str(models / "teacher"),
+        args=config,
+        train_dataset=prompts,
+        processing_class=tokenizer,
+    )
+
+    eos = tokenizer.eos_token_id
+    decode_steps = {"n": 0}
+
+    def force_early_stop(module, inputs, kwargs, output):
+        """Rank 0 only: from the third generated token on, the only allowed token is EOS."""
+        if torch.is_grad_enabled():
+            return output
+        input_ids = kwargs.get("input_ids")
+        if input_ids is not None and input_ids.shape[1] > 1:  # prefill
+            decode_steps["n"] = 0
+        else:
+            decode_steps["n"] += 1
+        if decode_steps["n"] >= 2:
+            output.logits[:, -1, :] = float("-inf")
+            output.logits[:, -1, eos] = 0.0
+        return output
+
+    if args.uneven and rank == 0:
+        student = trainer.accelerator.unwrap_model(trainer.model)
+        student.register_forward_hook(force_early_stop, with_kwargs=True)
+
+    lengths = []
+    original = trainer._generate_single_turn
+
+    def record_lengths(*a, **k):
+        completion_ids = original(*a, **k)
+        lengths.append([len(c) for c in completion_ids])
+        return completion_ids
+
+    trainer._generate_single_turn = record_lengths
+    trainer.train()
+
+    digest = hashlib.sha256()
+    for _, param in sorted(trainer.model.named_parameters()):
+        if hasattr(param, "ds_id"):  # ZeRO-3 shard: gather the full tensor (a collective: every rank runs it)
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([param]):
+                digest.update(param.detach().float().cpu().numpy().tobytes())
+        else:
+            digest.update(param.detach().float().cpu().numpy().tobytes())
+    result = {
+        "rank": rank,
+        "world_size": trainer.accelerator.num_processes,
+        "distributed_type": str(trainer.accelerator.distributed_type),
+        "zero_stage": trainer._dist.zero_stage,
+        "param_digest": digest.hexdigest(),
+        "completion_lengths": lengths,
+        "local_rollouts": local_rollouts,
+        "logs": [entry for entry in trainer.state.log_history if "loss" in entry],
+    }
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / f"rank{rank}.json").write_text(json.dumps(result))
+    faulthandler.cancel_dump_traceback_later()
+    trainer.accelerator.wait_for_everyone()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
