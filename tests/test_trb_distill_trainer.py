@@ -216,3 +216,13 @@ def test_tokenizer_larger_than_the_models_is_a_clear_error(tiny_pair_dir, prompt
             train_dataset=prompts,
             processing_class=tokenizer,
         )
+
+
+def test_generation_batch_is_split_into_chunks_during_warmup(tiny_pair_dir, prompts, tmp_path, processor_calls):
+    args = _args(tmp_path, max_steps=3, per_device_train_batch_size=4, trb_generation_batch_size=3)
+    trainer = _trainer(tiny_pair_dir, args, prompts)
+    trainer.train()
+    first_calls = [p for i, p in enumerate(processor_calls) if i == 0 or p is not processor_calls[i - 1]]
+    assert len(first_calls) == 4  # two warmup rollouts of 4 prompts, each generated as 3 + 1
+    logs = _train_logs(trainer)
+    assert [entry["completions/mean_length"] > 0 for entry in logs] == [True] * 3

@@ -29,7 +29,16 @@ class TRBDistillConfig(DistillationConfig):
         trb_gather_teacher_for_generation (`bool`, *optional*, defaults to `True`):
             DeepSpeed ZeRO-3 only, the teacher's counterpart of `ds3_gather_for_generation`: gather the teacher's
             parameters (and lift its ZeRO-3 hooks) for the length of each TRB rollout, so that no teacher forward
-            needs a collective while ranks finish at different lengths.
+            needs a collective while ranks finish at different lengths. With `False` the teacher stays sharded and
+            is stepped from the student's forward on every rank instead (slower, for teachers too large to gather).
+        trb_generation_batch_size (`int`, *optional*):
+            Maximum number of sequences per `generate` call during TRB rollouts. The parent generates a whole
+            gradient-accumulation cycle at once; with the teacher's KV cache next to the student's, that may not fit.
+            `None` generates everything at once, as the parent does.
+        trb_memory_preflight (`str`, *optional*, defaults to `"error"`):
+            Before training on GPU, estimate the rollout memory (both models' weights as held during the rollout,
+            both KV caches, the student's training-state shard) against the device: `"error"` raises if it cannot fit
+            and warns above 90%, `"warn"` only warns, `"off"` skips the check.
     """
 
     trb_epsilon: float = field(
@@ -63,6 +72,22 @@ class TRBDistillConfig(DistillationConfig):
         },
     )
 
+    trb_generation_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Maximum number of sequences per generate call during TRB rollouts (the teacher's KV cache sits "
+            "next to the student's); None generates the whole generation batch at once, as the parent does."
+        },
+    )
+    trb_memory_preflight: str = field(
+        default="error",
+        metadata={
+            "help": "Estimate TRB rollout memory against the GPU before training: 'error' raises if it cannot fit "
+            "(and warns above 90%), 'warn' only warns, 'off' skips.",
+            "choices": ["error", "warn", "off"],
+        },
+    )
+
     def __post_init__(self):
         super().__post_init__()
         if not (isinstance(self.trb_epsilon, int | float) and math.isfinite(self.trb_epsilon)) or self.trb_epsilon < 0:
@@ -76,6 +101,12 @@ class TRBDistillConfig(DistillationConfig):
             )
         if self.trb_schedule not in KL_BUDGET_SCHEDULES:
             raise ValueError(f"trb_schedule must be one of {sorted(KL_BUDGET_SCHEDULES)}, got {self.trb_schedule!r}.")
+        if self.trb_generation_batch_size is not None and self.trb_generation_batch_size < 1:
+            raise ValueError(f"trb_generation_batch_size must be >= 1 or None, got {self.trb_generation_batch_size}.")
+        if self.trb_memory_preflight not in ("error", "warn", "off"):
+            raise ValueError(
+                f"trb_memory_preflight must be 'error', 'warn' or 'off', got {self.trb_memory_preflight!r}."
+            )
         if self.trb_epsilon > 0:
             num_beams = (self.generation_kwargs or {}).get("num_beams", 1) or 1
             if num_beams > 1:

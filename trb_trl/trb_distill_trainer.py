@@ -3,13 +3,18 @@ import textwrap
 
 import torch
 from transformers import LogitsProcessorList
+from transformers.utils import logging
 
 from ._compat import DistillationTrainer, unwrap_model_for_generation
 from .logits_processor import TrustRegionBlendingProcessor, _as_id_list, output_vocab_size
+from .memory_preflight import check_rollout_memory, count_parameters, estimate_rollout_memory
 from .schedules import kl_budget
 from .trb_distill_config import TRBDistillConfig
 
 
+logger = logging.get_logger(__name__)
+# The preflight cannot know prompt lengths before data is read; it assumes this many prompt tokens per sequence.
+ASSUMED_PROMPT_TOKENS = 1024
 # How many beta values each process contributes to the W&B histogram per rollout.
 _HISTOGRAM_SAMPLES_PER_PROCESS = 4096
 
@@ -67,6 +72,31 @@ class TRBDistillTrainer(DistillationTrainer):
             self._trb_teacher_eos_token_ids = _as_id_list(teacher.generation_config.eos_token_id)
         self._trb_processors: list[TrustRegionBlendingProcessor] = []
         self._trb_beta_samples: list[torch.Tensor] = []
+        if args.trb_epsilon > 0 and self.accelerator.device.type == "cuda":
+            self._check_rollout_memory()
+
+    def _check_rollout_memory(self) -> None:
+        """Fail (or warn) before training if a TRB rollout cannot fit on the GPU, showing the arithmetic."""
+        student = self.accelerator.unwrap_model(self.model)
+        teacher = self.accelerator.unwrap_model(self.teacher_model)
+        generation_batch = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
+        estimate = estimate_rollout_memory(
+            student_config=student.config,
+            teacher_config=teacher.config,
+            student_params=count_parameters(student),
+            teacher_params=count_parameters(teacher),
+            num_sequences=min(generation_batch, self.args.trb_generation_batch_size or generation_batch),
+            sequence_length=ASSUMED_PROMPT_TOKENS + self.args.max_completion_length,
+            dtype_bytes=next(teacher.parameters()).dtype.itemsize,
+            world_size=self.accelerator.num_processes,
+            zero_stage=self._dist.zero_stage,
+            gather_student=self.args.ds3_gather_for_generation,
+            gather_teacher=self.args.trb_gather_teacher_for_generation,
+        )
+        device_bytes = torch.cuda.get_device_properties(self.accelerator.device).total_memory
+        warning = check_rollout_memory(estimate, device_bytes, self.args.trb_memory_preflight)
+        if warning:
+            logger.warning(warning)
 
     def trb_epsilon_at(self, step: int) -> float:
         """The KL budget epsilon_k of the rollout made at optimizer step `step`."""
@@ -79,8 +109,15 @@ class TRBDistillTrainer(DistillationTrainer):
         self._metrics["train"]["trb/epsilon"].append(epsilon)
         if epsilon == 0.0:
             return super()._generate_single_turn(prompt_ids, images, multimodal_fields, has_tool_images)
+        chunk = self.args.trb_generation_batch_size or len(prompt_ids)
+        if chunk < len(prompt_ids) and (images is not None or multimodal_fields):
+            raise ValueError("trb_generation_batch_size does not support vision-language inputs; unset it.")
+        completion_ids = []
         with self._trust_region_rollout(epsilon):
-            completion_ids = super()._generate_single_turn(prompt_ids, images, multimodal_fields, has_tool_images)
+            for start in range(0, len(prompt_ids), chunk):
+                completion_ids += super()._generate_single_turn(
+                    prompt_ids[start : start + chunk], images, multimodal_fields, has_tool_images
+                )
         self._log_rollout_statistics()
         return completion_ids
 

@@ -1,0 +1,122 @@
+"""Rollout memory preflight: estimate what one GPU holds during a TRB rollout, before training starts.
+
+During warmup the rollout holds both models' weights (gathered under ZeRO-3 unless told otherwise), both KV caches
+for the whole generation batch at full length, and each rank's share of the student's training state. The estimate
+is arithmetic on the configs, not a measurement: it is meant to catch the configurations that cannot fit and to show
+the numbers, not to predict peak memory to the byte.
+"""
+
+from dataclasses import dataclass
+
+
+GIB = 1024**3
+# Mixed-precision training state per student parameter: fp32 master weights (4) + fp32 gradients (4) + Adam m, v (8).
+TRAINING_BYTES_PER_PARAM = 16
+
+
+def count_parameters(model) -> int:
+    """Full parameter count, also for ZeRO-3 partitioned parameters (whose local `numel()` is 0)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+
+
+def kv_cache_bytes(config, num_sequences: int, sequence_length: int, dtype_bytes: int) -> int:
+    """Keys and values for every layer: 2 x layers x kv_heads x head_dim x tokens x dtype bytes."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    return 2 * text.num_hidden_layers * kv_heads * head_dim * num_sequences * sequence_length * dtype_bytes
+
+
+@dataclass
+class RolloutMemoryEstimate:
+    """Per-GPU bytes during one TRB rollout, with the arithmetic that produced them."""
+
+    student_weights: int
+    teacher_weights: int
+    training_state: int
+    student_kv_cache: int
+    teacher_kv_cache: int
+    lines: list[str]
+
+    @property
+    def total(self) -> int:
+        return (
+            self.student_weights + self.teacher_weights + self.training_state + self.student_kv_cache
+        ) + self.teacher_kv_cache
+
+    def explain(self, device_bytes: int | None = None) -> str:
+        text = "\n".join(f"  {line}" for line in self.lines)
+        text += f"\n  {'total':<52}{self.total / GIB:8.1f} GiB"
+        if device_bytes:
+            text += f"  of {device_bytes / GIB:.1f} GiB on the device ({100 * self.total / device_bytes:.0f}%)"
+        return text
+
+
+def estimate_rollout_memory(
+    *,
+    student_config,
+    teacher_config,
+    student_params: int,
+    teacher_params: int,
+    num_sequences: int,
+    sequence_length: int,
+    dtype_bytes: int,
+    world_size: int,
+    zero_stage: int,
+    gather_student: bool,
+    gather_teacher: bool,
+) -> RolloutMemoryEstimate:
+    """Estimate per-GPU memory of a TRB rollout of `num_sequences` sequences of up to `sequence_length` tokens."""
+    shards = max(world_size, 1)
+    student_full = student_params * dtype_bytes
+    teacher_full = teacher_params * dtype_bytes
+    if zero_stage == 3:
+        student_weights = student_full if gather_student else student_full // shards
+        teacher_weights = teacher_full if gather_teacher else teacher_full // shards
+        training = TRAINING_BYTES_PER_PARAM * student_params // shards
+        layout = f"ZeRO-3 over {shards} ranks"
+    elif zero_stage in (1, 2):
+        student_weights, teacher_weights = student_full, teacher_full
+        training = (4 + (TRAINING_BYTES_PER_PARAM - 4) // shards) * student_params
+        layout = f"ZeRO-{zero_stage} over {shards} ranks (teacher: full copy)"
+    else:
+        student_weights, teacher_weights = student_full, teacher_full
+        training = TRAINING_BYTES_PER_PARAM * student_params
+        layout = "no sharding (DDP or single device)"
+    student_kv = kv_cache_bytes(student_config, num_sequences, sequence_length, dtype_bytes)
+    teacher_kv = kv_cache_bytes(teacher_config, num_sequences, sequence_length, dtype_bytes)
+    gathered = "gathered" if zero_stage != 3 or gather_teacher else f"1/{shards} shard"
+    rows = [
+        (f"student weights {student_params / 1e9:.2f}B x {dtype_bytes} B", student_weights),
+        (f"teacher weights {teacher_params / 1e9:.2f}B x {dtype_bytes} B ({gathered})", teacher_weights),
+        (f"student training state ({TRAINING_BYTES_PER_PARAM} B/param, rank share)", training),
+        ("student KV cache", student_kv),
+        ("teacher KV cache", teacher_kv),
+    ]
+    lines = [f"layout: {layout}; {num_sequences} sequences x {sequence_length} tokens, {dtype_bytes}-byte dtype"]
+    lines += [f"{label:<52}{value / GIB:8.1f} GiB" for label, value in rows]
+    return RolloutMemoryEstimate(student_weights, teacher_weights, training, student_kv, teacher_kv, lines)
+
+
+def check_rollout_memory(estimate: RolloutMemoryEstimate, device_bytes: int, mode: str = "error") -> str | None:
+    """Return a warning if the estimate exceeds 90% of the device; raise (mode "error") if it exceeds the device."""
+    if mode == "off" or not device_bytes:
+        return None
+    advice = (
+        "Lower `trb_generation_batch_size` (generate the warmup rollouts in smaller chunks), "
+        "`max_completion_length` or `per_device_train_batch_size`, set `trb_gather_teacher_for_generation=False` "
+        "(slower: the teacher is gathered layer by layer at every step), or use more GPUs."
+    )
+    if estimate.total > device_bytes and mode == "error":
+        raise ValueError(
+            "The TRB rollout is estimated not to fit in device memory:\n"
+            + estimate.explain(device_bytes)
+            + f"\n{advice} Set `trb_memory_preflight='warn'` to start anyway."
+        )
+    if estimate.total > 0.9 * device_bytes:
+        return (
+            "The TRB rollout is estimated to use most of device memory:\n"
+            + estimate.explain(device_bytes)
+            + (f"\n{advice}")
+        )
+    return None
