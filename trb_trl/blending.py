@@ -142,13 +142,16 @@ def trust_region_blend(
     beta = torch.sqrt(2.0 * target / variance_at_zero.clamp_min(1e-30)).clamp(max=0.5)
     beta = torch.where(active, beta, zero)
     check_convergence = device.type == "cpu"  # a host sync is free on CPU; on accelerators run a fixed count
-    for _ in range(_MAX_NEWTON_STEPS):
+    converged = False
+    for iteration in range(_MAX_NEWTON_STEPS + 1):
         log_partition, mean, variance, kl = _moments(student_logprobs, student_probs, log_ratio, beta)
         improves = active & (kl <= epsilon) & (beta > best)
         best = torch.where(improves, beta, best)
         best_log_partition = torch.where(improves, log_partition, best_log_partition)
         best_mean = torch.where(improves, mean, best_mean)
         best_kl = torch.where(improves, kl, best_kl)
+        if converged or iteration == _MAX_NEWTON_STEPS:  # the last iterate has been evaluated: done
+            break
         below = kl <= target
         lo = torch.where(active & below, beta, lo)
         hi = torch.where(active & ~below, beta, hi)
@@ -160,15 +163,7 @@ def trust_region_blend(
         new_beta = torch.where(active, torch.where(inside, proposal, 0.5 * (lo + hi)), beta)
         step = (new_beta - beta).abs()
         beta = new_beta
-        if check_convergence and not bool((step > _BETA_TOLERANCE * (1.0 + 100.0 * beta)).any()):
-            break
-    # The final iterate is the most accurate point: keep it if it is feasible.
-    log_partition, mean, _, kl = _moments(student_logprobs, student_probs, log_ratio, beta)
-    improves = active & (kl <= epsilon) & (beta > best)
-    best = torch.where(improves, beta, best)
-    best_log_partition = torch.where(improves, log_partition, best_log_partition)
-    best_mean = torch.where(improves, mean, best_mean)
-    best_kl = torch.where(improves, kl, best_kl)
+        converged = check_convergence and not bool((step > _BETA_TOLERANCE * (1.0 + 100.0 * beta)).any())
 
     logprobs = student_logprobs + best[:, None] * log_ratio - best_log_partition[:, None]
     # KL(mu || pi_T) = sum mu (b r~ - A - r~ - c) with r = r~ + c.
