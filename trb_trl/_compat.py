@@ -30,7 +30,7 @@ from trl import (  # noqa: E402
     get_peft_config,
     get_quantization_config,
 )
-from trl.models.utils import unwrap_model_for_generation  # noqa: E402
+from trl.distributed import DistributedBackend  # noqa: E402
 
 
 # The rollout hook `TRBDistillTrainer` wraps; checked at import so a TRL refactor fails loudly, not silently.
@@ -38,6 +38,7 @@ if not hasattr(DistillationTrainer, "_generate_single_turn"):
     raise ImportError("trl.DistillationTrainer has no `_generate_single_turn`; this TRL version is not supported.")
 
 __all__ = [
+    "DistributedBackend",
     "DatasetMixtureConfig",
     "DistillationConfig",
     "DistillationTrainer",
@@ -47,5 +48,4 @@ __all__ = [
     "get_dataset",
     "get_peft_config",
     "get_quantization_config",
-    "unwrap_model_for_generation",
 ]

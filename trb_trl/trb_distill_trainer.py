@@ -5,11 +5,12 @@ import torch
 from transformers import LogitsProcessorList
 from transformers.utils import logging
 
-from ._compat import DistillationTrainer, unwrap_model_for_generation
+from ._compat import DistillationTrainer
 from .logits_processor import TrustRegionBlendingProcessor, _as_id_list, output_vocab_size
 from .memory_preflight import check_rollout_memory, count_parameters, estimate_rollout_memory
 from .schedules import kl_budget
 from .trb_distill_config import TRBDistillConfig
+from .zero3 import gathered_without_hooks
 
 
 logger = logging.get_logger(__name__)
@@ -134,9 +135,7 @@ class TRBDistillTrainer(DistillationTrainer):
         step_with_student = self._dist.is_zero3 and not gather
         hook_target = student.get_base_model() if hasattr(student, "get_base_model") else student
         try:
-            with unwrap_model_for_generation(
-                self.teacher_model, self.accelerator, gather_deepspeed3_params=gather
-            ) as (teacher):
+            with gathered_without_hooks(self.teacher_model, self.accelerator, gather=gather) as teacher:
 
                 def generate_with_trust_region(*args, **kwargs):
                     processor = TrustRegionBlendingProcessor(

@@ -128,6 +128,47 @@ def test_teacher_path_does_not_change_the_result(results):
     assert gathered[0]["completion_lengths"] == sharded[0]["completion_lengths"]
 
 
+@pytest.mark.parametrize("case", list(CASES))
+def test_rollouts_equal_the_single_process_rollout(results, models, case):
+    """A greedy TRB rollout on each rank equals the same rollout in one plain process."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList
+
+    from trb_trl import TrustRegionBlendingProcessor
+
+    _, ranks = results[case]
+    tokenizer = AutoTokenizer.from_pretrained(f"{models}/tokenizer")
+    student = AutoModelForCausalLM.from_pretrained(f"{models}/student")
+    teacher = AutoModelForCausalLM.from_pretrained(f"{models}/teacher")
+    eos = tokenizer.eos_token_id
+    for rank in ranks:
+        prompts = [torch.tensor(p) for p in rank["greedy_prompts"]]
+        width = max(len(p) for p in prompts)
+        input_ids = torch.stack([torch.cat([torch.full((width - len(p),), eos), p]) for p in prompts])
+        mask = torch.stack([torch.cat([torch.zeros(width - len(p)), torch.ones(len(p))]).long() for p in prompts])
+        processor = TrustRegionBlendingProcessor(
+            teacher,
+            0.05,
+            prompt_attention_mask=mask,
+            vocab_size=len(tokenizer),
+            student_eos_token_id=[eos],
+            teacher_eos_token_id=teacher.generation_config.eos_token_id,
+        )
+        sequences = student.generate(
+            input_ids=input_ids,
+            attention_mask=mask,
+            do_sample=False,
+            max_new_tokens=12,
+            eos_token_id=eos,
+            pad_token_id=eos,
+            logits_processor=LogitsProcessorList([processor]),
+        )
+        expected = []
+        for row in sequences[:, width:].tolist():
+            expected.append(row[: row.index(eos) + 1] if eos in row else row)
+        assert rank["greedy_completions"] == expected, (case, rank["rank"])
+
+
 def test_naive_teacher_step_deadlocks(models, tmp_path):
     """Negative control: the hazard is real here, so the passing cases above are evidence, not luck."""
     process = _launch(

@@ -34,7 +34,9 @@ def parse_args():
 
 def main():
     args = parse_args()
-    faulthandler.dump_traceback_later(args.hang_timeout, exit=True)  # a hang fails fast, with per-rank stacks
+    # Set-up (DeepSpeed may JIT-build its comm op on first use) gets a generous guard; rollouts and training below
+    # get `--hang-timeout`. Either way a hang fails with every rank's stack instead of waiting for gloo's timeout.
+    faulthandler.dump_traceback_later(args.hang_timeout + 300, exit=True)
 
     from datasets import Dataset
     from transformers import AutoTokenizer
@@ -91,6 +93,17 @@ def main():
         processing_class=tokenizer,
     )
 
+    faulthandler.dump_traceback_later(args.hang_timeout, exit=True)
+    # A greedy TRB rollout of fixed, rank-specific prompts before training, for comparison with a single process. It
+    # also runs the teacher before its DeepSpeed trace exists, when a leftover ZeRO-3 hook would still broadcast.
+    greedy_prompts = [[3 + rank, 10, 11, 12], [20 + rank, 21], [30, 31 + rank, 32]]
+    trainer.model.train()
+    trainer.generation_config.do_sample = False
+    greedy_completions = trainer._generate_single_turn(greedy_prompts, None, {})
+    trainer.generation_config.do_sample = True
+    trainer._metrics["train"].clear()
+    local_rollouts.clear()
+
     eos = tokenizer.eos_token_id
     decode_steps = {"n": 0}
 
@@ -139,6 +152,8 @@ def main():
         "zero_stage": trainer._dist.zero_stage,
         "param_digest": digest.hexdigest(),
         "completion_lengths": lengths,
+        "greedy_prompts": greedy_prompts,
+        "greedy_completions": greedy_completions,
         "local_rollouts": local_rollouts,
         "logs": [entry for entry in trainer.state.log_history if "loss" in entry],
     }
