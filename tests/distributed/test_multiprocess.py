@@ -178,5 +178,9 @@ def test_naive_teacher_step_deadlocks(models, tmp_path):
         tmp_path,
         hang_timeout=45,
     )
+    output = process.stdout + process.stderr
     assert process.returncode != 0
-    assert "Timeout" in process.stderr and "fetch_sub_module" in process.stderr
+    # One rank waits in a collective of the sharded teacher's forward (a parameter fetch, or DeepSpeed's
+    # start-of-forward trace check) called from the logits processor, while the other has moved on.
+    assert "Timeout" in output, output[-4000:]
+    assert "fetch_sub_module" in output or "_start_of_forward_hook" in output, output[-4000:]
