@@ -285,3 +285,39 @@ def test_teacher_step_driven_by_the_student_forward_gives_identical_rollouts(
     assert torch.equal(outputs[0], outputs[1])
     assert forwards[0] == forwards[1] == 12
     assert not student._forward_pre_hooks  # detached
+
+
+def test_top_k_truncates_the_blend_not_the_student(student, teacher, tokenizer):
+    """top_k keeps the k most likely tokens under mu*, which differ from the student's top k here."""
+    temperature, epsilon, k = 0.7, 0.5, 3
+    for text in [f"w{i} w{i + 1}" for i in range(40)]:  # find a prefix where the two top-k sets differ
+        prompt = tokenizer([text], return_tensors="pt")
+        with torch.no_grad():
+            student_logits = student(**prompt).logits[0, -1] * 20
+            teacher_logits = teacher(**prompt).logits[0, -1] * 20
+        ref_logprobs, _, _, _ = blend_row_reference(
+            student_logits.double().numpy(), teacher_logits.double().numpy(), epsilon, temperature
+        )
+        blend_top = set(np.argsort(-ref_logprobs)[:k].tolist())
+        if blend_top != set(torch.topk(student_logits, k).indices.tolist()):
+            break
+    else:
+        pytest.fail("no prefix where the blend's top-k differs from the student's")
+    batch = {key: value.expand(2000, -1) for key, value in prompt.items()}
+    teacher.lm_head.weight.data *= 20
+    try:
+        processor = TrustRegionBlendingProcessor(
+            teacher, epsilon, prompt_attention_mask=batch["attention_mask"], temperature=temperature
+        )
+        sequences = student.generate(
+            **batch,
+            do_sample=True,
+            temperature=temperature,
+            top_k=k,
+            max_new_tokens=1,
+            logits_processor=LogitsProcessorList([_FixedScores(student_logits), processor]),
+        )
+    finally:
+        teacher.lm_head.weight.data /= 20
+    sampled = set(sequences[:, -1].tolist())
+    assert sampled <= blend_top and len(sampled) > 1
