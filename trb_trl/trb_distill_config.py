@@ -83,7 +83,7 @@ class TRBDistillConfig(DistillationConfig):
         default="error",
         metadata={
             "help": "Estimate TRB rollout memory against the GPU before training: 'error' raises if it cannot fit "
-            "(and warns above 90%), 'warn' only warns, 'off' skips.",
+            "(and warns above 90 percent), 'warn' only warns, 'off' skips.",
             "choices": ["error", "warn", "off"],
         },
     )
