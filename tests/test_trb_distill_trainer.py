@@ -226,3 +226,11 @@ def test_generation_batch_is_split_into_chunks_during_warmup(tiny_pair_dir, prom
     assert len(first_calls) == 4  # two warmup rollouts of 4 prompts, each generated as 3 + 1
     logs = _train_logs(trainer)
     assert [entry["completions/mean_length"] > 0 for entry in logs] == [True] * 3
+
+
+def test_processor_blends_at_the_temperature_generate_samples_at(tiny_pair_dir, prompts, tmp_path, processor_calls):
+    args = _args(tmp_path, max_steps=1, temperature=1.0, generation_kwargs={"temperature": 0.5})
+    trainer = _trainer(tiny_pair_dir, args, prompts)
+    trainer.train()
+    assert trainer.generation_config.temperature == 0.5
+    assert processor_calls and {p.temperature for p in processor_calls} == {0.5}

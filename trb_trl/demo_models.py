@@ -1,21 +1,22 @@
-"""The demo's teacher and weak student: tiny Qwen3 models pretrained on the task with plain next-token training,
-cached on disk, and scored by greedy generation + exact match on held-out problems."""
+"""The demo's teacher and weak student: tiny Qwen3 models pretrained on the task with plain next-token training and
+cached on disk, and the held-out scorer (generate, greedy or sampled, then check the answers exactly)."""
 
 import hashlib
 import json
-import math
 import os
 import random
 import shutil
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerBase, Qwen3ForCausalLM
+from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase, Qwen3ForCausalLM
 
-from .demo_task import AdditionProblem, completion_length, is_correct
+from .demo_task import AdditionProblem, ProblemSplits, completion_length, exact_match_accuracy
 from .tiny_models import build_tiny_qwen3
 
 
@@ -38,7 +39,8 @@ class PretrainConfig:
     # Probability of "forgetting" each carry in the training solutions (0: clean data). The weak student is pretrained
     # on such sloppy worked solutions, so its rollouts drop carries that the teacher would write.
     drop_carry_probability: float = 0.0
-    # Stop early once accuracy on the dev problems reaches this (checked every `check_every` steps); None: never.
+    # Stop early once accuracy on the dev problems, sampled at temperature 1 (OPD matches the teacher's sampling
+    # distribution, not its argmax), reaches this; checked every `check_every` steps. None: never stop early.
     stop_at_dev_accuracy: float | None = None
     check_every: int = 100
 
@@ -81,37 +83,56 @@ def supervised_batch(
 
 
 @torch.no_grad()
-def greedy_accuracy(
+def heldout_accuracy(
     model: Qwen3ForCausalLM,
     tokenizer: PreTrainedTokenizerBase,
     problems: list[AdditionProblem],
     *,
+    temperature: float = 0.0,
+    sampling_seed: int = 0,
     batch_size: int = 256,
+    make_logits_processor: Callable[[torch.Tensor], LogitsProcessor] | None = None,
 ) -> float:
-    """Exact-match accuracy of greedy completions of `problems` (left-padded batches, stop at EOS)."""
+    """Exact-match accuracy of one completion per problem: greedy (`temperature=0`) or sampled at `temperature`
+    (pass@1 from one sample). Sampling uses its own seeded random stream (the global RNG is saved and restored), so
+    evaluating never perturbs a training run, and repeated evaluations share their random numbers.
+
+    `make_logits_processor(attention_mask)`, if given, builds a logits processor for each batch (used to score the
+    rollouts of a trust-region blend instead of the model's own)."""
     was_training = model.training
     model.eval()
     num_digits = problems[0].num_digits
-    correct = 0
+    if temperature > 0:
+        sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+    else:
+        sampling = {"do_sample": False}
+    completions, stopped = [], []
+    devices = [model.device] if model.device.type == "cuda" else []
     try:
-        for start in range(0, len(problems), batch_size):
-            chunk = problems[start : start + batch_size]
-            inputs = tokenizer([p.prompt for p in chunk], return_tensors="pt", padding=True).to(model.device)
-            output = model.generate(
-                **inputs,
-                do_sample=False,
-                max_new_tokens=completion_length(num_digits),
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            for problem, row in zip(chunk, output[:, inputs["input_ids"].shape[1] :].tolist()):
-                stopped = tokenizer.eos_token_id in row
-                if stopped:
-                    row = row[: row.index(tokenizer.eos_token_id)]
-                correct += is_correct(problem, tokenizer.decode(row), stopped=stopped)
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(sampling_seed)
+            for start in range(0, len(problems), batch_size):
+                chunk = problems[start : start + batch_size]
+                inputs = tokenizer([p.prompt for p in chunk], return_tensors="pt", padding=True).to(model.device)
+                processors = LogitsProcessorList()
+                if make_logits_processor is not None:
+                    processors.append(make_logits_processor(inputs["attention_mask"]))
+                output = model.generate(
+                    **inputs,
+                    max_new_tokens=completion_length(num_digits),
+                    eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id,
+                    logits_processor=processors,
+                    **sampling,
+                )
+                for row in output[:, inputs["input_ids"].shape[1] :].tolist():
+                    stopped.append(tokenizer.eos_token_id in row)
+                    if stopped[-1]:
+                        row = row[: row.index(tokenizer.eos_token_id)]
+                    completions.append(tokenizer.decode(row))
     finally:
         model.train(was_training)
-    return correct / len(problems)
+    return exact_match_accuracy(problems, completions, stopped)
 
 
 def pretrain(
@@ -122,21 +143,21 @@ def pretrain(
     *,
     dev: list[AdditionProblem] | None = None,
     description: str = "pretraining",
-) -> Qwen3ForCausalLM:
-    """Plain next-token training on worked solutions: AdamW, 5% linear warmup then cosine decay, grad clip 1."""
+) -> int:
+    """Plain next-token training on worked solutions (AdamW, linear warmup then constant lr, grad clip 1), in place.
+    Returns the number of steps trained (fewer than `config.steps` when the dev accuracy target is reached)."""
     rng = random.Random(config.seed)
     torch.manual_seed(config.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.01)
-    warmup = max(1, config.steps // 20)
+    warmup = 50
 
     def lr_factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, config.steps - warmup)))
+        return min(1.0, (step + 1) / warmup)
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     model.train()
-    progress = tqdm(range(config.steps), desc=description, unit="step", leave=False)
+    progress = tqdm(range(config.steps), desc=description, unit="step")
+    steps_trained = 0
     for step in progress:
         problems = rng.sample(train, config.batch_size)
         batch = supervised_batch(tokenizer, problems, rng=rng, drop_carry_probability=config.drop_carry_probability)
@@ -146,38 +167,40 @@ def pretrain(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
-        if (step + 1) % config.check_every == 0:
+        steps_trained = step + 1
+        if steps_trained % config.check_every == 0:
             postfix = {"loss": f"{loss.item():.4f}"}
             if dev is not None and config.stop_at_dev_accuracy is not None:
-                accuracy = greedy_accuracy(model, tokenizer, dev)
+                accuracy = heldout_accuracy(model, tokenizer, dev, temperature=1.0)
                 postfix["dev_acc"] = f"{accuracy:.3f}"
                 if accuracy >= config.stop_at_dev_accuracy:
                     progress.set_postfix(postfix)
                     break
             progress.set_postfix(postfix)
     progress.close()
-    return model.eval()
+    model.eval()
+    return steps_trained
 
 
 def load_or_pretrain(
     name: str,
     config: PretrainConfig,
     tokenizer: PreTrainedTokenizerBase,
-    splits,
+    splits: ProblemSplits,
     *,
     task: dict,
     cache_dir: str | Path,
 ) -> tuple[Qwen3ForCausalLM, float, bool]:
     """Load `name` from `cache_dir` if this task + config was trained before, else pretrain and cache it.
 
-    Returns the model (eval mode), its greedy exact-match accuracy on the held-out `splits.eval`, and whether it came
-    from the cache.
+    Returns the model (eval mode), its sampled (temperature 1) exact-match accuracy on the held-out `splits.eval`, and
+    whether it came from the cache.
     """
     path = Path(cache_dir) / cache_key(name, config, task)
     meta_file = path / "demo_meta.json"
     if meta_file.is_file():
         model = Qwen3ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        return model, json.loads(meta_file.read_text())["eval_accuracy"], True
+        return model, json.loads(meta_file.read_text())["eval_accuracy_sampled"], True
     model = build_tiny_qwen3(
         len(tokenizer),
         hidden_size=config.hidden_size,
@@ -187,13 +210,22 @@ def load_or_pretrain(
         eos_token_id=tokenizer.eos_token_id,
         seed=config.seed,
     )
-    pretrain(model, tokenizer, splits.train, config, dev=splits.dev, description=f"training the {name}")
-    accuracy = greedy_accuracy(model, tokenizer, splits.eval)
+    start = time.perf_counter()
+    steps = pretrain(model, tokenizer, splits.train, config, dev=splits.dev, description=f"training the {name}")
+    seconds = time.perf_counter() - start
+    accuracy = heldout_accuracy(model, tokenizer, splits.eval, temperature=1.0)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
     try:
         model.save_pretrained(staging)
-        meta = {"name": name, "task": task, "config": asdict(config), "eval_accuracy": accuracy}
+        meta = {
+            "name": name,
+            "task": task,
+            "config": asdict(config),
+            "steps_trained": steps,
+            "seconds": round(seconds, 1),
+            "eval_accuracy_sampled": accuracy,
+        }
         (staging / "demo_meta.json").write_text(json.dumps(meta, indent=2))
         if path.exists():  # a concurrent run finished first; keep its copy
             shutil.rmtree(staging)

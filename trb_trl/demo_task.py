@@ -10,7 +10,7 @@ completion: 6 c1 3 c1 9 c0 | 9 3 6 <|endoftext|>
 
 (7+9 = 16: write 6, carry 1; 4+8+1 = 13: write 3, carry 1; 3+5+1 = 9: write 9, carry 0; answer 936.) The answer is
 checked exactly: the completion must stop on the end-of-text token and the digits after its last `|` must be the sum.
-Everything here is pure Python; the models live in `demo_models.py`.
+No models here: they live in `demo_models.py`.
 """
 
 import random
@@ -122,7 +122,8 @@ def extract_answer(completion: str) -> str | None:
     tokens = completion.split()
     if ANSWER_MARK not in tokens:
         return None
-    answer = tokens[len(tokens) - 1 - tokens[::-1].index(ANSWER_MARK) + 1 :]
+    last_mark = len(tokens) - 1 - tokens[::-1].index(ANSWER_MARK)
+    answer = tokens[last_mark + 1 :]
     if not answer or not all(token in DIGITS for token in answer):
         return None
     return "".join(answer)
@@ -134,6 +135,7 @@ def is_correct(problem: AdditionProblem, completion: str, *, stopped: bool = Tru
 
 
 def exact_match_accuracy(problems: list[AdditionProblem], completions: list[str], stopped: list[bool]) -> float:
+    """Fraction of `problems` whose decoded completion is correct (`stopped[i]`: completion i emitted the stop token)."""
     if not (len(problems) == len(completions) == len(stopped)) or not problems:
         raise ValueError("Need as many completions and stop flags as problems (and at least one problem).")
     correct = sum(is_correct(p, c, stopped=s) for p, c, s in zip(problems, completions, stopped))

@@ -142,7 +142,7 @@ class TRBDistillTrainer(DistillationTrainer):
                         teacher,
                         epsilon,
                         prompt_attention_mask=kwargs.get("attention_mask"),
-                        temperature=self.temperature,
+                        temperature=self.generation_config.temperature or 1.0,  # what generate samples at
                         vocab_size=self._trb_vocab_size,
                         student_eos_token_id=self.eos_token_ids,
                         teacher_eos_token_id=self._trb_teacher_eos_token_ids,

@@ -1,0 +1,205 @@
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from trb_trl import demo
+from trb_trl.demo_models import heldout_accuracy
+from trb_trl.demo_report import RunResult, build_report, summary_table
+from trb_trl.demo_task import (
+    AdditionProblem,
+    build_task_tokenizer,
+    completion_length,
+    exact_match_accuracy,
+    extract_answer,
+    is_correct,
+    make_splits,
+)
+
+
+REPORT_KEYS = {"task", "teacher_accuracy", "student_initial_accuracy", "seconds", "methods"}
+
+
+def _pairs(problems):
+    return {(p.a, p.b) for p in problems}
+
+
+def test_worked_solution_spells_out_columns_and_carries():
+    problem = AdditionProblem(347, 589, 3)
+    assert problem.prompt == "3 4 7 + 5 8 9 ="
+    assert problem.solution == "6 c1 3 c1 9 c0 | 9 3 6"
+    assert AdditionProblem(999, 1, 3).solution == "0 c1 0 c1 0 c1 | 1 0 0 0"
+    # The longest completion (a final carry) plus the stop token fits the rollout budget exactly.
+    tokenizer = build_task_tokenizer()
+    ids = tokenizer(AdditionProblem(999, 999, 3).solution)["input_ids"]
+    assert len(ids) + 1 == completion_length(3)
+    # Every symbol is in the vocabulary (unknown words would map to the stop token, which is also `unk`).
+    assert tokenizer.unk_token_id not in tokenizer(problem.prompt + " " + problem.solution)["input_ids"]
+    assert tokenizer.decode(tokenizer(problem.solution)["input_ids"]) == problem.solution
+
+
+def test_sloppy_solutions_forget_carries_consistently():
+    problem = AdditionProblem(347, 589, 3)
+    always = problem.worked_solution(random.Random(0), drop_carry_probability=1.0)
+    assert always == "6 c0 2 c0 8 c0 | 8 2 6"  # 7+9 -> 6 (carry dropped), 4+8 -> 2 (dropped), 3+5 -> 8
+    assert problem.worked_solution(random.Random(0), drop_carry_probability=0.0) == problem.solution
+    assert not is_correct(problem, always)
+
+
+def test_exact_match_scores_known_correct_and_wrong_completions():
+    problem = AdditionProblem(347, 589, 3)
+    assert extract_answer(problem.solution) == "936"
+    assert is_correct(problem, problem.solution)
+    assert is_correct(problem, "garbage | 9 3 6")  # only the final answer is checked
+    assert not is_correct(problem, problem.solution, stopped=False)  # truncated: never stopped
+    assert not is_correct(problem, "6 c1 3 c1 9 c0 | 9 3 7")
+    assert not is_correct(problem, "6 c1 3 c1 9 c0 | 9 3 6 c1")  # trailing non-digit
+    assert not is_correct(problem, "6 c1 3 c1 9 c0 9 3 6")  # no answer mark
+    assert not is_correct(problem, "6 c1 3 c1 9 c0 |")
+    assert is_correct(problem, "| 1 2 | 9 3 6")  # the last mark counts
+    problems = [problem, AdditionProblem(100, 200, 3)]
+    assert exact_match_accuracy(problems, [problem.solution, "0 c0 0 c0 3 c0 | 3 0 1"], [True, True]) == 0.5
+    with pytest.raises(ValueError):
+        exact_match_accuracy(problems, [problem.solution], [True])
+
+
+def test_splits_are_disjoint_and_the_eval_pool_does_not_move():
+    splits = make_splits(3, num_train=2000, num_dev=100, num_eval=300, seed=0)
+    train, dev, held_out = _pairs(splits.train), _pairs(splits.dev), _pairs(splits.eval)
+    assert len(train) == 2000 and len(dev) == 100 and len(held_out) == 300
+    assert not train & held_out and not dev & held_out and not train & dev
+    assert all(100 <= p.a <= 999 and 100 <= p.b <= 999 for p in splits.train + splits.eval)
+    bigger = make_splits(3, num_train=5000, num_dev=100, num_eval=300, seed=0)
+    assert bigger.eval == splits.eval  # drawn first: a larger training pool leaves the held-out set unchanged
+    with pytest.raises(ValueError):
+        make_splits(1, num_train=80, num_dev=1, num_eval=1)
+
+
+def test_demo_trains_only_on_prompts_it_never_evaluates():
+    splits = make_splits(
+        demo.NUM_DIGITS, num_train=demo.NUM_TRAIN, num_dev=demo.NUM_DEV, num_eval=demo.EVAL_POOL, seed=demo.SPLIT_SEED
+    )
+    train_prompts = {p.prompt for p in splits.train}
+    assert not train_prompts & {p.prompt for p in splits.eval}
+    assert not train_prompts & {p.prompt for p in splits.dev}
+
+
+class _ScriptedModel(torch.nn.Module):
+    """Stands in for a causal LM: `generate` appends scripted completions (token ids) to the prompts."""
+
+    def __init__(self, completions: list[list[int]]):
+        super().__init__()
+        self.completions = completions
+        self.register_buffer("anchor", torch.zeros(1))
+
+    @property
+    def device(self):
+        return self.anchor.device
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, pad_token_id, **kwargs):
+        rows = []
+        for prompt, completion in zip(input_ids.tolist(), self.completions[: len(input_ids)]):
+            completion = (completion + [pad_token_id] * max_new_tokens)[:max_new_tokens]
+            rows.append(prompt + completion)
+        self.completions = self.completions[len(input_ids) :]
+        return torch.tensor(rows)
+
+
+def test_heldout_accuracy_decodes_generations_and_checks_them():
+    tokenizer = build_task_tokenizer()
+    eos = tokenizer.eos_token_id
+    problems = [AdditionProblem(347, 589, 3), AdditionProblem(100, 200, 3), AdditionProblem(999, 999, 3)]
+
+    def ids(text):
+        return tokenizer(text)["input_ids"]
+
+    completions = [
+        ids(problems[0].solution) + [eos],  # right
+        ids("0 c0 0 c0 3 c0 | 3 0 1") + [eos],  # wrong answer
+        ids("c0 " + problems[2].solution),  # the right answer, but it fills the budget and never stops: wrong
+    ]
+    assert len(completions[2]) == completion_length(3)
+    model = _ScriptedModel(completions).train()
+    assert heldout_accuracy(model, tokenizer, problems, batch_size=2) == pytest.approx(1 / 3)
+    assert model.training  # restored after evaluation
+
+
+def _fake_run(num_evals: int, warmup: int, start: float) -> RunResult:
+    steps = list(range(0, 3 * num_evals, 3))
+    return RunResult(
+        steps=steps,
+        accuracy=[min(1.0, start + 0.1 * i) for i in range(num_evals)],
+        epsilon=[0.2 * (1 - k / warmup) for k in range(warmup)],
+        beta_mean=[0.5] * warmup,
+    )
+
+
+def test_report_has_the_documented_structure():
+    runs = {"opd": [_fake_run(5, 4, 0.3), _fake_run(5, 4, 0.35)], "trb": [_fake_run(5, 4, 0.3)] * 2}
+    report = build_report(task="t", teacher_accuracy=0.97, student_initial_accuracy=0.3, seconds=1.0, runs=runs)
+    assert set(report) == REPORT_KEYS
+    assert set(report["methods"]["opd"]) == {"steps", "accuracy"}
+    assert set(report["methods"]["trb"]) == {"steps", "accuracy", "epsilon", "beta_mean"}
+    assert report["methods"]["trb"]["epsilon"] == pytest.approx([0.2, 0.15, 0.1, 0.05])
+    table = summary_table(report, warmup_steps=6)
+    assert "vanilla OPD" in table and "TRB" in table and "end of warmup" in table
+    with pytest.raises(ValueError):
+        build_report(
+            task="t",
+            teacher_accuracy=1.0,
+            student_initial_accuracy=0.0,
+            seconds=0.0,
+            runs={"opd": [_fake_run(5, 4, 0.3), _fake_run(4, 4, 0.3)]},
+        )
+
+
+def test_cli_dispatches_demo_help(capsys):
+    from trb_trl.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--help"])
+    assert exit_info.value.code == 0
+    assert "trb-trl demo" in capsys.readouterr().out
+
+
+def _is_fraction(value) -> bool:
+    return isinstance(value, float) and math.isfinite(value) and 0.0 <= value <= 1.0
+
+
+@pytest.mark.slow
+def test_quick_demo_end_to_end(tmp_path, capsys):
+    """`trb-trl demo --quick` on a cold cache: pretrains both models, runs OPD and TRB, writes the report; a second
+    run reuses the cached models."""
+    output_dir, cache_dir = tmp_path / "out", tmp_path / "cache"
+    assert demo.main(["--quick", "--output-dir", str(output_dir), "--cache-dir", str(cache_dir)]) == 0
+    printed = capsys.readouterr().out
+    assert "teacher: trained and cached" in printed and "vanilla OPD" in printed
+
+    report = json.loads((output_dir / "report.json").read_text())
+    assert (output_dir / "report.png").stat().st_size > 10_000
+    assert set(report) == REPORT_KEYS
+    assert isinstance(report["task"], str) and report["seconds"] > 0
+    assert _is_fraction(report["teacher_accuracy"]) and _is_fraction(report["student_initial_accuracy"])
+    assert report["teacher_accuracy"] >= 0.9
+    assert report["student_initial_accuracy"] <= 0.5 * report["teacher_accuracy"]
+    assert set(report["methods"]) == {"opd", "trb"}
+    for method, entry in report["methods"].items():
+        steps = entry["steps"]
+        assert steps[0] == 0 and steps[-1] == 30 and steps == sorted(set(steps))
+        assert len(entry["accuracy"]) == 1  # --quick: one seed
+        for curve in entry["accuracy"]:
+            assert len(curve) == len(steps) and all(_is_fraction(a) for a in curve)
+            assert curve[0] == report["student_initial_accuracy"]  # same checkpoint, same evaluation
+            assert curve[-1] >= curve[0] + 0.2, f"{method} did not learn: {curve}"
+    trb = report["methods"]["trb"]
+    assert len(trb["epsilon"]) == len(trb["beta_mean"]) == 10  # K = 30 / 3 warmup steps
+    assert trb["epsilon"][0] == pytest.approx(0.2) and trb["epsilon"] == sorted(trb["epsilon"], reverse=True)
+    assert all(0.0 < b <= 1.0 for b in trb["beta_mean"])
+
+    # Second run: the teacher and student come from the cache.
+    rerun = ["--quick", "--steps", "2", "--eval-size", "16", "--output-dir", str(tmp_path / "again")]
+    assert demo.main([*rerun, "--cache-dir", str(cache_dir)]) == 0
+    printed = capsys.readouterr().out
+    assert "teacher: loaded from" in printed and "student: loaded from" in printed

@@ -1,0 +1,425 @@
+"""`trb-trl demo`: a CPU toy reproduction of TRB vs vanilla on-policy distillation, end to end.
+
+```bash
+trb-trl demo --output-dir demo_out            # 5 seeds per method: about 3 minutes on a 2-core CPU, cold cache
+trb-trl demo --output-dir demo_out --quick    # 1 seed, 30 steps, 256 eval problems: under 2 minutes
+trb-trl demo --output-dir demo_out --report-to wandb   # also write offline W&B runs under demo_out/wandb
+```
+
+What it does (no GPU, no Hub):
+
+1. Builds a synthetic task (`demo_task.py`): column addition written out digit by digit with carries, checked by
+   exact match, with a local word-level tokenizer.
+2. Pretrains (`demo_models.py`, cached on disk) a tiny Qwen3 teacher on clean worked solutions, and a smaller
+   student on sloppy ones in which most carries are forgotten, so the student's early rollouts are mostly wrong.
+3. Distils the student into the teacher's behaviour twice from the same checkpoint, with identical budgets and
+   seeds: vanilla OPD (`trl.DistillationTrainer`) and TRB (`TRBDistillTrainer`), evaluating exact-match accuracy
+   on held-out problems every few steps (pass@1 of one sample at temperature 1, as in the paper; greedy with
+   `--eval-temperature 0`).
+4. Writes `report.json`, `report.png` and prints a summary table (`demo_report.py`).
+"""
+
+import argparse
+import contextlib
+import copy
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from .demo_models import PretrainConfig, default_cache_dir, heldout_accuracy, load_or_pretrain
+from .demo_report import METHOD_LABELS, RunResult, build_report, summary_table, write_report
+from .demo_task import AdditionProblem, build_task_tokenizer, completion_length, make_splits, task_description
+
+
+# The task and the problem pools. The held-out evaluation pool is drawn first and never used for training; a smaller
+# `--eval-size` uses a prefix of it, so the cached models do not depend on it.
+NUM_DIGITS = 3
+NUM_TRAIN, NUM_DEV, EVAL_POOL, SPLIT_SEED = 20_000, 256, 1024, 0
+
+# The teacher trains on clean worked solutions until 97% of its sampled dev answers are right. The smaller student
+# trains on sloppy ones that forget 60% of the carries, until 25% of its sampled dev answers are right: it has learned
+# the format and the digit sums, but not to carry reliably.
+TEACHER = PretrainConfig(
+    hidden_size=96, num_layers=2, steps=3000, learning_rate=3e-3, stop_at_dev_accuracy=0.97, check_every=100, seed=0
+)
+STUDENT = PretrainConfig(
+    hidden_size=64,
+    num_layers=2,
+    steps=3000,
+    learning_rate=3e-3,
+    drop_carry_probability=0.6,
+    stop_at_dev_accuracy=0.25,
+    check_every=100,
+    seed=0,
+)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """The budget shared by both methods (identical for OPD and TRB), plus TRB's warmup."""
+
+    steps: int
+    batch_size: int
+    learning_rate: float
+    temperature: float
+    eval_every: int
+    eval_temperature: float
+    epsilon: float
+    warmup_steps: int
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trb-trl demo",
+        description="CPU toy reproduction: TRB vs vanilla on-policy distillation on a synthetic addition task. "
+        "Writes OUTPUT_DIR/report.json and OUTPUT_DIR/report.png.",
+    )
+    parser.add_argument(
+        "--output-dir", default="trb_demo", help="Where report.json/report.png go (default: %(default)s)."
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="1 seed, 30 steps, 256 eval problems (under 2 minutes on a cold cache)."
+    )
+    parser.add_argument("--seed", type=int, default=0, help="First distillation seed; the seeds are SEED..SEED+N-1.")
+    parser.add_argument("--seeds", type=int, default=None, help="Seeds N per method (default 5, --quick 1).")
+    parser.add_argument("--steps", type=int, default=None, help="Optimizer steps per run (default 60, --quick 30).")
+    parser.add_argument("--batch-size", type=int, default=64, help="Prompts (= rollouts) per step (default 64).")
+    parser.add_argument("--learning-rate", type=float, default=5e-4, help="Constant lr of both methods (5e-4).")
+    parser.add_argument("--temperature", type=float, default=1.0, help="Rollout and loss temperature (1.0).")
+    parser.add_argument("--epsilon", type=float, default=0.2, help="TRB epsilon_0, nats per token (0.2).")
+    parser.add_argument(
+        "--warmup-steps", type=int, default=None, help="TRB warmup K, in steps (default: a third of --steps)."
+    )
+    parser.add_argument("--eval-every", type=int, default=None, help="Evaluate every N steps (default 3).")
+    parser.add_argument(
+        "--eval-size",
+        type=int,
+        default=None,
+        help=f"Held-out problems per evaluation (default 512, --quick 256, at most {EVAL_POOL}).",
+    )
+    parser.add_argument(
+        "--eval-temperature",
+        type=float,
+        default=1.0,
+        help="0: greedy accuracy; > 0: pass@1 of one sample per problem at this temperature (default 1.0, as in the "
+        "paper's evaluation).",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        default=None,
+        help="Where the pretrained teacher and student are cached (default: $XDG_CACHE_HOME/trb_trl/demo or "
+        "~/.cache/trb_trl/demo).",
+    )
+    parser.add_argument(
+        "--report-to",
+        nargs="+",
+        default=["none"],
+        choices=["none", "wandb", "trackio"],
+        help="Also log the runs to W&B (offline unless WANDB_MODE says otherwise) and/or trackio.",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: the tiny models are overhead-bound, and more threads than free cores slows "
+        "them down several times on a shared machine).",
+    )
+    return parser
+
+
+class HeldOutAccuracyCallback(TrainerCallback):
+    """Exact-match accuracy on held-out problems at step 0, every `every` optimizer steps, and the last step.
+
+    Evaluation samples from its own seeded random stream (see `heldout_accuracy`), so it does not change the training
+    run, and every evaluation of every run sees the same random numbers (paired comparisons)."""
+
+    def __init__(
+        self,
+        tokenizer,
+        problems: list[AdditionProblem],
+        *,
+        every: int,
+        temperature: float,
+        progress,
+        report_to: list[str],
+    ):
+        self.tokenizer, self.problems, self.every, self.temperature = tokenizer, problems, every, temperature
+        self.progress, self.report_to = progress, report_to
+        self.steps: list[int] = []
+        self.accuracy: list[float] = []
+
+    def _evaluate(self, step: int, model) -> None:
+        accuracy = heldout_accuracy(model, self.tokenizer, self.problems, temperature=self.temperature)
+        self.steps.append(step)
+        self.accuracy.append(accuracy)
+        self.progress.set_postfix(heldout_acc=f"{accuracy:.3f}")
+        metrics = {"eval/heldout_exact_match": accuracy, "train/global_step": step}
+        if "wandb" in self.report_to:
+            import wandb
+
+            if wandb.run is not None:
+                wandb.log(metrics)
+        if "trackio" in self.report_to:
+            import trackio
+
+            trackio.log(metrics)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._evaluate(0, model)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.progress.update(1)
+        if state.global_step % self.every == 0 or state.global_step == state.max_steps:
+            self._evaluate(state.global_step, model)
+
+
+def run_distillation(
+    method: str,
+    *,
+    student,
+    teacher,
+    tokenizer,
+    train_prompts: list[str],
+    eval_problems: list[AdditionProblem],
+    settings: RunSettings,
+    seed: int,
+    output_dir: Path,
+    report_to: list[str],
+) -> RunResult:
+    """Distil a copy of `student` with vanilla OPD (`method="opd"`) or TRB (`"trb"`) and track held-out accuracy."""
+    from datasets import Dataset
+    from tqdm.auto import tqdm
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    from trl import DistillationConfig, DistillationTrainer
+
+    from .trb_distill_config import TRBDistillConfig
+    from .trb_distill_trainer import TRBDistillTrainer
+
+    common = dict(
+        output_dir=str(output_dir / "runs" / f"{method}-seed{seed}"),
+        run_name=f"{method}-seed{seed}",
+        max_steps=settings.steps,
+        per_device_train_batch_size=settings.batch_size,
+        gradient_accumulation_steps=1,
+        learning_rate=settings.learning_rate,
+        lr_scheduler_type="constant",
+        max_completion_length=completion_length(eval_problems[0].num_digits),
+        temperature=settings.temperature,
+        logging_steps=1,
+        seed=seed,
+        report_to=report_to,
+        use_cpu=True,
+        bf16=False,
+        save_strategy="no",
+        gradient_checkpointing=False,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    if method == "opd":
+        trainer_cls, args = DistillationTrainer, DistillationConfig(**common)
+    elif method == "trb":
+        trainer_cls = TRBDistillTrainer
+        args = TRBDistillConfig(**common, trb_epsilon=settings.epsilon, trb_warmup_steps=settings.warmup_steps)
+    else:
+        raise ValueError(f"Unknown method {method!r}; expected 'opd' or 'trb'.")
+
+    progress = tqdm(total=settings.steps, desc=f"{METHOD_LABELS[method]:>11} seed {seed}", unit="step")
+    callback = HeldOutAccuracyCallback(
+        tokenizer,
+        eval_problems,
+        every=settings.eval_every,
+        temperature=settings.eval_temperature,
+        progress=progress,
+        report_to=report_to,
+    )
+    trainer = trainer_cls(
+        model=copy.deepcopy(student),
+        teacher_model=teacher,
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": train_prompts}),
+        processing_class=tokenizer,
+        callbacks=[callback],
+    )
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    try:
+        trainer.train()
+    finally:
+        progress.close()
+        if "wandb" in report_to:
+            import wandb
+
+            if wandb.run is not None:
+                wandb.finish()
+
+    epsilon, beta_mean = [], []
+    if method == "trb":
+        rows = {row["step"]: row for row in trainer.state.log_history if "trb/epsilon" in row}
+        for step in range(1, settings.warmup_steps + 1):  # the log at step k+1 holds the rollout made at step k
+            row = rows.get(step, {})
+            epsilon.append(float(row.get("trb/epsilon", 0.0)))
+            beta_mean.append(float(row.get("trb/beta/mean", 0.0)))
+    return RunResult(steps=callback.steps, accuracy=callback.accuracy, epsilon=epsilon, beta_mean=beta_mean)
+
+
+def _resolve_settings(args) -> tuple[RunSettings, list[int], int]:
+    quick = args.quick
+    steps = args.steps if args.steps is not None else (30 if quick else 60)
+    num_seeds = args.seeds if args.seeds is not None else (1 if quick else 5)
+    eval_size = args.eval_size if args.eval_size is not None else (256 if quick else 512)
+    warmup = args.warmup_steps if args.warmup_steps is not None else max(1, round(steps / 3))
+    settings = RunSettings(
+        steps=steps,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        temperature=args.temperature,
+        eval_every=args.eval_every if args.eval_every is not None else 3,
+        eval_temperature=args.eval_temperature,
+        epsilon=args.epsilon,
+        warmup_steps=warmup,
+    )
+    if steps < 1 or num_seeds < 1 or settings.eval_every < 1 or not 1 <= eval_size <= EVAL_POOL:
+        raise SystemExit(f"--steps, --seeds and --eval-every must be >= 1, and --eval-size in [1, {EVAL_POOL}].")
+    return settings, list(range(args.seed, args.seed + num_seeds)), eval_size
+
+
+def metric_name(eval_temperature: float) -> str:
+    if eval_temperature > 0:
+        return f"exact-match accuracy (pass@1, one sample at temperature {eval_temperature:g})"
+    return "exact-match accuracy (greedy)"
+
+
+def step0_rollout_accuracy(teacher, student, tokenizer, problems, settings: RunSettings) -> dict[str, float]:
+    """How often rollouts at the training temperature are right before any training: the student's own (vanilla OPD),
+    the trust-region blend at epsilon_0 (TRB's first rollouts), and the teacher's. Shows what the warmup changes."""
+    from .logits_processor import TrustRegionBlendingProcessor
+
+    def blend(attention_mask):
+        return TrustRegionBlendingProcessor(
+            teacher,
+            settings.epsilon,
+            prompt_attention_mask=attention_mask,
+            temperature=settings.temperature,
+            vocab_size=len(tokenizer),
+            student_eos_token_id=tokenizer.eos_token_id,
+        )
+
+    temperature = settings.temperature
+    return {
+        "student": heldout_accuracy(student, tokenizer, problems, temperature=temperature),
+        "trb": heldout_accuracy(student, tokenizer, problems, temperature=temperature, make_logits_processor=blend),
+        "teacher": heldout_accuracy(teacher, tokenizer, problems, temperature=temperature),
+    }
+
+
+@contextlib.contextmanager
+def _quiet_libraries():
+    """Silence the per-run warnings of transformers/TRL (weights loading, deprecations) for a readable console."""
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        transformers.logging.enable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    settings, seeds, eval_size = _resolve_settings(args)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    report_to = [r for r in args.report_to if r != "none"] or ["none"]
+    if "wandb" in report_to:
+        os.environ.setdefault("WANDB_MODE", "offline")  # never needs the network unless the user asks for it
+        os.environ.setdefault("WANDB_DIR", str(output_dir))
+        os.environ.setdefault("WANDB_PROJECT", "trb-trl-demo")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    import torch
+
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _run(args, settings, seeds, eval_size, output_dir, report_to)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run(args, settings: RunSettings, seeds: list[int], eval_size: int, output_dir: Path, report_to: list[str]) -> int:
+    start = time.perf_counter()
+    with _quiet_libraries():
+        tokenizer = build_task_tokenizer()
+        splits = make_splits(NUM_DIGITS, num_train=NUM_TRAIN, num_dev=NUM_DEV, num_eval=EVAL_POOL, seed=SPLIT_SEED)
+        eval_problems = splits.eval[:eval_size]
+        task = {"num_digits": NUM_DIGITS, "train": NUM_TRAIN, "dev": NUM_DEV, "eval": EVAL_POOL, "seed": SPLIT_SEED}
+        cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+        teacher, _, cached = load_or_pretrain("teacher", TEACHER, tokenizer, splits, task=task, cache_dir=cache_dir)
+        print(f"teacher: {'loaded from' if cached else 'trained and cached in'} {cache_dir}")
+        student, _, cached = load_or_pretrain("student", STUDENT, tokenizer, splits, task=task, cache_dir=cache_dir)
+        print(f"student: {'loaded from' if cached else 'trained and cached in'} {cache_dir}")
+        teacher_accuracy = heldout_accuracy(teacher, tokenizer, eval_problems, temperature=settings.eval_temperature)
+        student_accuracy = heldout_accuracy(student, tokenizer, eval_problems, temperature=settings.eval_temperature)
+        print(
+            f"held-out accuracy ({eval_size} problems): teacher {teacher_accuracy:.3f}, student {student_accuracy:.3f}"
+        )
+        rollout_accuracy = step0_rollout_accuracy(teacher, student, tokenizer, eval_problems, settings)
+        print(
+            f"step-0 rollouts (sampled at temperature {settings.temperature}): student "
+            f"{rollout_accuracy['student']:.3f}, TRB blend at epsilon_0={settings.epsilon} "
+            f"{rollout_accuracy['trb']:.3f}, teacher {rollout_accuracy['teacher']:.3f}"
+        )
+        if teacher_accuracy < 0.9:
+            print("warning: the teacher is below 90% accuracy; the comparison is less meaningful.")
+
+        train_prompts = [p.prompt for p in splits.train]
+        runs: dict[str, list[RunResult]] = {"opd": [], "trb": []}
+        with tempfile.TemporaryDirectory() as scratch:
+            run_root = output_dir if report_to != ["none"] else Path(scratch)
+            for seed in seeds:
+                for method in ("opd", "trb"):
+                    runs[method].append(
+                        run_distillation(
+                            method,
+                            student=student,
+                            teacher=teacher,
+                            tokenizer=tokenizer,
+                            train_prompts=train_prompts,
+                            eval_problems=eval_problems,
+                            settings=settings,
+                            seed=seed,
+                            output_dir=run_root,
+                            report_to=report_to,
+                        )
+                    )
+        report = build_report(
+            task=task_description(NUM_DIGITS),
+            teacher_accuracy=teacher_accuracy,
+            student_initial_accuracy=student_accuracy,
+            seconds=time.perf_counter() - start,
+            runs=runs,
+        )
+        json_path, png_path = write_report(report, output_dir, metric=metric_name(settings.eval_temperature))
+    print()
+    print(summary_table(report, warmup_steps=settings.warmup_steps, metric=metric_name(settings.eval_temperature)))
+    print(
+        f"\nsettings: {settings.steps} steps x {settings.batch_size} prompts, lr {settings.learning_rate}, "
+        f"temperature {settings.temperature}, TRB epsilon_0 {settings.epsilon} annealed to 0 over "
+        f"{settings.warmup_steps} steps; seeds {seeds}"
+    )
+    print(f"wrote {json_path} and {png_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
