@@ -1,17 +1,29 @@
+import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from trb_trl import cli
+
 
 REPO = Path(__file__).resolve().parents[1]
+TINY_RECIPE = REPO / "recipes" / "tiny_cpu.yaml"
 CLI = [shutil.which("trb-trl")] if shutil.which("trb-trl") else [sys.executable, "-m", "trb_trl.cli"]
 
 
 def _run(*args, timeout=300, cwd=REPO):
     return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+def _plan(*argv):
+    return cli.plan_launch(cli._train_parser(), list(argv))  # a fresh parser: recipes set parser defaults
+
+
+# --- trb-trl --help ---------------------------------------------------------------------------------------------
 
 
 def test_help_lists_the_commands():
@@ -20,36 +32,260 @@ def test_help_lists_the_commands():
     assert "train" in result.stdout and "demo" in result.stdout
 
 
-def test_train_help_lists_the_trb_fields():
-    result = _run("train", "--help")
+def test_help_is_fast_and_imports_neither_torch_nor_trl():
+    start = time.perf_counter()
+    result = _run("--help")
+    elapsed = time.perf_counter() - start
     assert result.returncode == 0, result.stderr
-    for field in ("--trb_epsilon", "--trb_warmup_steps", "--trb_schedule", "--system_prompt"):
-        assert field in result.stdout
+    assert elapsed < 5, f"`trb-trl --help` took {elapsed:.1f}s"  # ~0.1 s; torch + TRL would take ~10 s
+    code = (
+        "import sys\n"
+        "from trb_trl.cli import main\n"
+        "assert main(['--help']) == 0\n"
+        "heavy = {'torch', 'trl', 'transformers', 'accelerate', 'datasets'} & set(sys.modules)\n"
+        "assert not heavy, sorted(heavy)\n"
+    )
+    check = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0, check.stderr
+
+
+def test_pure_api_imports_without_trl_and_the_trainer_names_the_supported_range():
+    # TRL cannot be imported at all, and the installed one claims to be 1.10.
+    code = (
+        "import importlib.metadata, sys\n"
+        "real_version = importlib.metadata.version\n"
+        "importlib.metadata.version = lambda name: '1.10.0' if name == 'trl' else real_version(name)\n"
+        "sys.modules['trl'] = None\n"
+        "import torch\n"
+        "from trb_trl import BlendResult, TrustRegionBlendingProcessor, trust_region_blend\n"
+        "result = trust_region_blend(torch.zeros(1, 4), torch.ones(1, 4), 0.1)\n"
+        "assert isinstance(result, BlendResult)\n"
+        "assert TrustRegionBlendingProcessor.__name__ == 'TrustRegionBlendingProcessor'\n"
+        "try:\n"
+        "    from trb_trl import TRBDistillTrainer\n"
+        "except ImportError as error:\n"
+        "    assert 'trl>=1.16' in str(error), error\n"
+        "else:\n"
+        "    raise AssertionError('TRBDistillTrainer imported with an unsupported TRL')\n"
+        "import trb_trl\n"
+        "assert set(trb_trl.__all__) <= set(dir(trb_trl))\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
 
 
 def test_unknown_command_fails():
     assert _run("frobnicate").returncode != 0
 
 
-@pytest.mark.slow
-def test_train_runs_the_tiny_cpu_recipe_with_overrides(tmp_path):
+# --- trb-trl train --help ---------------------------------------------------------------------------------------
+
+
+def test_train_help_starts_with_the_recipe_and_launcher_keys_then_lists_the_trb_fields():
+    result = _run("train", "--help")
+    assert result.returncode == 0, result.stderr
+    help_text = result.stdout
+    # Libraries may log a line on import (e.g. W&B in offline mode); the help itself opens with the short usage.
+    assert "usage: trb-trl train RECIPE.yaml [--KEY VALUE ...]\n" in help_text
+    help_text = help_text[help_text.index("usage: trb-trl train") :]
+    for field in ("--trb_epsilon", "--trb_warmup_steps", "--trb_schedule", "--system_prompt"):
+        assert field in help_text
+    first_option = help_text.index("--dataset_name")
+    for launcher_key in ("accelerate_config", "num_processes", "zero3"):
+        assert help_text.index(launcher_key) < first_option
+
+
+# --- splitting launcher and script arguments ----------------------------------------------------------------------
+
+
+def test_script_arguments_are_removed_by_position_not_by_value():
+    argv = ["--config", "r.yaml", "--num_processes", "1", "--per_device_train_batch_size", "1"]
+    assert cli.script_arguments(argv, ["--num_processes", "1"]) == [
+        "--config",
+        "r.yaml",
+        "--per_device_train_batch_size",
+        "1",
+    ]
+    argv = ["--per_device_train_batch_size", "1", "--num_processes", "1", "--max_steps", "1"]
+    assert cli.script_arguments(argv, ["--num_processes", "1"]) == [
+        "--per_device_train_batch_size",
+        "1",
+        "--max_steps",
+        "1",
+    ]
+
+
+def test_train_keeps_script_values_equal_to_launcher_values():
+    launch_args, script_args = _plan(
+        "--config", str(TINY_RECIPE), "--num_processes", "1", "--per_device_train_batch_size", "1"
+    )
+    assert script_args == ["--config", str(TINY_RECIPE), "--per_device_train_batch_size", "1"]
+    assert launch_args == ["--config_file", str(REPO / "recipes" / "accelerate" / "cpu.yaml"), "--num_processes", "1"]
+
+
+def test_command_line_accelerate_config_overrides_the_recipes():
+    launch_args, _ = _plan("--config", str(TINY_RECIPE), "--accelerate_config", "ddp_cpu")
+    assert launch_args == ["--config_file", str(REPO / "recipes" / "accelerate" / "ddp_cpu.yaml")]
+
+
+def test_recipe_launcher_flags_become_bare_flags(tmp_path):
+    recipe = _recipe_in(tmp_path, "cpu\nmulti_gpu: true\nquiet: false\nnum_processes: 2")
+    launch_args, _ = _plan(str(recipe))
+    assert launch_args == [
+        "--config_file",
+        str(cli.PACKAGE_ACCELERATE_CONFIGS / "cpu.yaml"),
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+    ]
+
+
+def test_unknown_option_is_a_one_line_error_before_launch():
+    with pytest.raises(cli.UsageError, match="--num_proceses"):
+        _plan("--config", str(TINY_RECIPE), "--num_proceses", "2")
+
+
+# --- accelerate configs --------------------------------------------------------------------------------------------
+
+
+def _recipe_in(directory: Path, accelerate_config: str) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    recipe = directory / "recipe.yaml"
+    text = TINY_RECIPE.read_text().replace("accelerate_config: cpu", f"accelerate_config: {accelerate_config}")
+    recipe.write_text(text)
+    return recipe
+
+
+def test_recipe_elsewhere_resolves_its_accelerate_config_next_to_it(tmp_path, monkeypatch):
+    recipe = _recipe_in(tmp_path / "elsewhere", "cpu")
+    (tmp_path / "elsewhere" / "accelerate").mkdir()
+    own_config = tmp_path / "elsewhere" / "accelerate" / "cpu.yaml"
+    own_config.write_text((REPO / "recipes" / "accelerate" / "cpu.yaml").read_text())
+    decoy = tmp_path / "cwd" / "recipes" / "accelerate" / "cpu.yaml"  # the old lookup: relative to the CWD
+    decoy.parent.mkdir(parents=True)
+    decoy.write_text("bogus: true\n")
+    monkeypatch.chdir(tmp_path / "cwd")
+    launch_args, _ = _plan(str(recipe))
+    assert launch_args[:2] == ["--config_file", str(own_config)]
+
+
+def test_recipe_without_its_own_configs_uses_the_packaged_ones(tmp_path, monkeypatch):
+    recipe = _recipe_in(tmp_path / "elsewhere", "zero3")
+    monkeypatch.chdir(tmp_path)
+    launch_args, _ = _plan(str(recipe))
+    assert launch_args[:2] == ["--config_file", str(cli.PACKAGE_ACCELERATE_CONFIGS / "zero3.yaml")]
+
+
+def test_recipe_relative_path_is_relative_to_the_recipe(tmp_path, monkeypatch):
+    recipe = _recipe_in(tmp_path / "elsewhere", "launch/mine.yaml")
+    (tmp_path / "elsewhere" / "launch").mkdir()
+    (tmp_path / "elsewhere" / "launch" / "mine.yaml").write_text("num_processes: 1\n")
+    monkeypatch.chdir(tmp_path)
+    launch_args, _ = _plan(str(recipe))
+    assert launch_args[:2] == ["--config_file", str(tmp_path / "elsewhere" / "launch" / "mine.yaml")]
+
+
+def test_missing_accelerate_config_is_an_error_listing_where_it_looked(tmp_path):
+    recipe = _recipe_in(tmp_path, "no_such_config")
+    with pytest.raises(cli.UsageError) as error:
+        _plan(str(recipe))
+    message = str(error.value)
+    assert "no_such_config" in message
+    assert str(tmp_path / "accelerate" / "no_such_config.yaml") in message
+    assert str(cli.PACKAGE_ACCELERATE_CONFIGS / "no_such_config.yaml") in message
+
+
+def test_no_fallback_to_trls_config_of_the_same_name(tmp_path):
+    from importlib.resources import files
+
+    assert files("trl.accelerate_configs").joinpath("multi_gpu.yaml").is_file()  # TRL has one; we do not
+    with pytest.raises(cli.UsageError, match="multi_gpu"):
+        cli.find_accelerate_config("multi_gpu", tmp_path)
+
+
+def test_the_recipes_accelerate_folder_is_the_packaged_one():
+    """One copy of each accelerate config: `recipes/accelerate` links to the configs shipped inside the package."""
+    assert (REPO / "recipes" / "accelerate").resolve() == cli.PACKAGE_ACCELERATE_CONFIGS.resolve()
+    assert sorted(p.name for p in cli.PACKAGE_ACCELERATE_CONFIGS.glob("*.yaml")) == [
+        "cpu.yaml",
+        "ddp.yaml",
+        "ddp_cpu.yaml",
+        "single_gpu.yaml",
+        "zero2.yaml",
+        "zero3.yaml",
+    ]
+
+
+# --- errors --------------------------------------------------------------------------------------------------------
+
+
+def test_config_error_is_one_line_before_launch():
+    result = _run("train", "recipes/tiny_cpu.yaml", "--trb_epsilon", "-1", timeout=120)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("trb-trl: error: trb_epsilon must be")
+
+
+def test_missing_recipe_is_one_line():
+    with pytest.raises(cli.UsageError, match="recipe not found"):
+        _plan("--config", "no/such/recipe.yaml")
+
+
+def test_failing_script_exit_status_is_returned_without_a_launcher_traceback(capsys):
+    def fails(_args):
+        raise subprocess.CalledProcessError(returncode=3, cmd=["python", "trb_distill.py"])
+
+    assert cli.launch(["--num_processes", "1"], ["--max_steps", "1"], launch_command_fn=fails) == 3
+    assert capsys.readouterr().err == ""  # the script's own error, already printed, stays the last thing
+
+
+def test_failing_torchrun_rank_reports_its_error_last(tmp_path, capsys):
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    error_file = tmp_path / "error.json"
+    error_file.write_text(
+        json.dumps({"message": {"message": "ValueError: bad prompt file", "extraInfo": {"timestamp": "0"}}})
+    )
+    failure = ProcessFailure(local_rank=1, pid=1234, exitcode=1, error_file=str(error_file))
+
+    def fails(_args):
+        raise ChildFailedError(name="trb_distill.py", failures={1: failure})
+
+    assert cli.launch(["--num_processes", "2"], [], launch_command_fn=fails) == 1
+    assert capsys.readouterr().err.strip() == (
+        "trb-trl: error: training failed on rank 1 (exit status 1): ValueError: bad prompt file"
+    )
+
+
+# --- end to end ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny")
     make = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "make_tiny_models.py"), str(tmp_path / "tiny")],
+        [sys.executable, str(REPO / "scripts" / "make_tiny_models.py"), str(directory)],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert make.returncode == 0, make.stderr
+    return directory
+
+
+@pytest.mark.slow
+def test_train_runs_the_tiny_cpu_recipe_with_overrides(tiny_models, tmp_path):
     output_dir = tmp_path / "run"
     result = _run(
         "train",
         "recipes/tiny_cpu.yaml",
         "--model_name_or_path",
-        str(tmp_path / "tiny" / "student"),
+        str(tiny_models / "student"),
         "--teacher_model_name_or_path",
-        str(tmp_path / "tiny" / "teacher"),
+        str(tiny_models / "teacher"),
         "--dataset_name",
-        str(tmp_path / "tiny" / "prompts.jsonl"),
+        str(tiny_models / "prompts.jsonl"),
         "--output_dir",
         str(output_dir),
         "--max_steps",
@@ -58,3 +294,23 @@ def test_train_runs_the_tiny_cpu_recipe_with_overrides(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "'trb/epsilon': '0.05'" in result.stdout and "'trb/epsilon': '0.025'" in result.stdout
     assert (output_dir / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_a_failing_training_script_shows_its_own_error_last(tiny_models, tmp_path):
+    result = _run(
+        "train",
+        str(TINY_RECIPE),
+        "--model_name_or_path",
+        str(tiny_models / "student"),
+        "--teacher_model_name_or_path",
+        str(tiny_models / "teacher"),
+        "--dataset_name",
+        str(tmp_path / "missing.jsonl"),
+        "--output_dir",
+        str(tmp_path / "run"),
+        cwd=tmp_path,  # and the recipe's accelerate config is found from another directory
+    )
+    assert result.returncode != 0
+    assert "CalledProcessError" not in result.stderr
+    assert "missing.jsonl" in result.stderr.strip().splitlines()[-1]
