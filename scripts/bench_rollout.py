@@ -1,14 +1,19 @@
 """Rollout cost of TRB: student-only, teacher-only, TRB and epsilon = 0 `generate`, on identical prompts.
 
-Usage:
+Usage (from the repository root; drop `PYTHONPATH=.` once the package is installed with `pip install -e .`):
 
 ```bash
-# CPU (tiny Qwen3 pair, V = 4096, batch 16, 48 new tokens; about a minute on 2 cores)
-python scripts/bench_rollout.py --json bench_cpu.json
+# CPU: tiny Qwen3 pair (V = 4096, batch 16, 48 new tokens); about 30 s on 2 idle cores
+PYTHONPATH=. python scripts/bench_rollout.py --json bench_cpu.json
+# CPU shared with other jobs: a smaller workload on one thread (the setting docs/performance.md records)
+PYTHONPATH=. python scripts/bench_rollout.py --threads 1 --batch-size 8 --new-tokens 32 --repeats 3 --json bench_cpu.json
 
-# GPU: the tiny pair plus a Qwen3-1.7B-shaped student and a Qwen3-8B-shaped teacher (random weights, bf16, batch 64)
-python scripts/bench_rollout.py --device cuda --json bench_gpu.json
-python scripts/bench_rollout.py --device cuda --shapes qwen3 --repeats 5 --strict
+# GPU: the tiny pair, then a Qwen3-1.7B-shaped student with a Qwen3-8B-shaped teacher (random weights, bf16, batch 64)
+PYTHONPATH=. python scripts/bench_rollout.py --device cuda --json bench_gpu.json
+PYTHONPATH=. python scripts/bench_rollout.py --device cuda --shapes qwen3 --strict
+
+# No timing: bytes read per decoding step and KV-cache sizes of the Qwen3 pair for the 1.7B <- 8B recipe (instant)
+PYTHONPATH=. python scripts/bench_rollout.py --arithmetic --json bench_arithmetic.json
 ```
 
 Every variant generates exactly the same number of tokens from the same left-padded prompts
@@ -18,21 +23,30 @@ the variants run round-robin for `--repeats` rounds; medians are reported with t
 - TRB / (student + teacher) <= 1.10: blending adds little beyond running both models;
 - (epsilon = 0) / student <= 1.02: a processor at epsilon = 0 costs nothing (it never calls the teacher).
 
-The script prints PASS/FAIL against the floors and exits 0 either way unless `--strict`.
+It also reports the teacher's forward time inside TRB, one `trust_region_blend` call timed alone on random logits of
+the same shape, peak CUDA memory per variant on a GPU, and (Linux) how much CPU other processes used meanwhile: CPU
+timings taken on a busy machine are meaningless. PASS/FAIL against the floors is printed; the exit code is 0 either
+way unless `--strict`. `--json PATH` writes everything, with the command and the environment.
+
+`--arithmetic` times nothing: it counts the Qwen3 pair's parameters on the meta device and prints the bytes a
+memory-bound decoding step reads (weights once per step, plus the KV cache at the mean context), per generated token,
+for student-only rollouts and TRB warmup rollouts at the recipe's chunking, and the KV cache one `generate` chunk holds.
 """
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import platform
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 import transformers
-from transformers import LogitsProcessorList, Qwen3Config, Qwen3ForCausalLM
+from transformers import DynamicCache, LogitsProcessorList, Qwen3Config, Qwen3ForCausalLM
 
 from trb_trl import TrustRegionBlendingProcessor, trust_region_blend
 from trb_trl.tiny_models import build_tiny_qwen3
@@ -85,8 +99,13 @@ SHAPES = {
         student_eos=151643,  # <|endoftext|>
         teacher_eos=[151645, 151643],  # <|im_end|>, <|endoftext|>
         # Qwen3-1.7B-shaped student, Qwen3-8B-shaped teacher.
-        student=dict(num_layers=28, hidden_size=2048, num_heads=16, num_kv_heads=8, head_dim=128, intermediate=6144),
-        teacher=dict(num_layers=36, hidden_size=4096, num_heads=32, num_kv_heads=8, head_dim=128, intermediate=12288),
+        # Qwen3-1.7B ties its lm_head to the embedding; Qwen3-8B does not.
+        student=dict(
+            num_layers=28, hidden_size=2048, num_heads=16, num_kv_heads=8, head_dim=128, intermediate=6144, tie=True
+        ),
+        teacher=dict(
+            num_layers=36, hidden_size=4096, num_heads=32, num_kv_heads=8, head_dim=128, intermediate=12288, tie=False
+        ),
         batch_size=64,
         new_tokens=128,
         min_prompt=32,
@@ -106,20 +125,43 @@ def make_parser() -> argparse.ArgumentParser:
         default=None,
         help="Model pairs to run. Defaults to tiny on CPU, tiny and qwen3 on CUDA.",
     )
-    parser.add_argument(
-        "--repeats",
-        type=int,
-        default=5,
-        choices=range(1, 1001),
-        metavar="N",
-        help="Timed rounds after the warm-up (round-robin).",
-    )
+    parser.add_argument("--repeats", type=int, default=5, help="Timed rounds after the warm-up (round-robin).")
     parser.add_argument("--epsilon", type=float, default=0.02, help="KL budget of the TRB variant.")
     parser.add_argument("--batch-size", type=int, default=None, help="Override every shape's batch size.")
     parser.add_argument("--new-tokens", type=int, default=None, help="Override every shape's generation length.")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's own). 1 is steadier on a CPU that other jobs share.",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, metavar="PATH", help="Write all results here.")
     parser.add_argument("--strict", action="store_true", help="Exit 1 when a floor is not met.")
+    arithmetic = parser.add_argument_group("--arithmetic (no timing; the 1.7B <- 8B recipe by default)")
+    arithmetic.add_argument(
+        "--arithmetic", action="store_true", help="Print the memory-traffic and KV-cache arithmetic of the qwen3 pair."
+    )
+    arithmetic.add_argument("--prompt-tokens", type=int, default=1024, help="Prompt length (1024).")
+    arithmetic.add_argument("--completion-tokens", type=int, default=7168, help="max_completion_length (7168).")
+    arithmetic.add_argument(
+        "--chunk", type=int, default=8, help="Sequences per TRB generate call, trb_generation_batch_size (8)."
+    )
+    arithmetic.add_argument(
+        "--generation-batch",
+        type=int,
+        default=32,
+        help="Sequences per GPU per rollout, per_device_train_batch_size x gradient_accumulation_steps (32).",
+    )
+    arithmetic.add_argument(
+        "--bandwidth-tbps", type=float, default=3.35, help="Memory bandwidth for the time floors (H100 SXM: 3.35)."
+    )
+    arithmetic.add_argument(
+        "--count-ops",
+        action="store_true",
+        help="With --arithmetic: also count the operators a decoding step dispatches (student, teacher, blend); "
+        "about half a minute on CPU.",
+    )
     return parser
 
 
@@ -148,10 +190,8 @@ def default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(previous)
 
 
-def build_qwen3(spec: dict, vocab_size: int, eos_token_id, device: torch.device) -> Qwen3ForCausalLM:
-    """A random-weight Qwen3 built directly on `device` with bf16 parameters (no download, no float32 copy; the
-    rotary buffers stay float32 as with `from_pretrained(dtype=torch.bfloat16)`)."""
-    config = Qwen3Config(
+def qwen3_config(spec: dict, vocab_size: int, eos_token_id) -> Qwen3Config:
+    return Qwen3Config(
         vocab_size=vocab_size,
         hidden_size=spec["hidden_size"],
         intermediate_size=spec["intermediate"],
@@ -159,17 +199,198 @@ def build_qwen3(spec: dict, vocab_size: int, eos_token_id, device: torch.device)
         num_attention_heads=spec["num_heads"],
         num_key_value_heads=spec["num_kv_heads"],
         head_dim=spec["head_dim"],
-        max_position_embeddings=4096,
-        tie_word_embeddings=False,
+        max_position_embeddings=8192,
+        tie_word_embeddings=spec.get("tie", False),
         eos_token_id=eos_token_id,
         pad_token_id=PAD_ID,
         bos_token_id=None,
     )
+
+
+def build_qwen3(spec: dict, vocab_size: int, eos_token_id, device: torch.device) -> Qwen3ForCausalLM:
+    """A random-weight Qwen3 built directly on `device` with bf16 parameters (no download, no float32 copy; the
+    rotary buffers stay float32 as with `from_pretrained(dtype=torch.bfloat16)`)."""
+    config = qwen3_config(spec, vocab_size, eos_token_id)
     with device, default_dtype(torch.bfloat16):
         model = Qwen3ForCausalLM(config)
     model.generation_config.eos_token_id = eos_token_id
     model.generation_config.pad_token_id = PAD_ID
     return model.eval()
+
+
+def decode_traffic(spec: dict, vocab_size: int) -> dict:
+    """Parameters of a Qwen3 of this shape (counted on the meta device: no memory), the bytes of weights a decoding
+    step reads (bf16), and KV-cache bytes per token. A step reads every weight once for the whole batch; the input
+    embedding is a gather of one row per sequence, so an untied model's embedding matrix is not read, while a tied one
+    reads it in full as the lm_head."""
+    config = qwen3_config(spec, vocab_size, eos_token_id=None)
+    with torch.device("meta"):
+        model = Qwen3ForCausalLM(config)
+    params = sum(p.numel() for p in model.parameters())  # tied weights are counted once
+    embedding = model.get_input_embeddings().weight.numel()
+    read_per_step = params if config.tie_word_embeddings else params - embedding
+    kv_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 2
+    return {"params": params, "weight_bytes_read_per_step": 2 * read_per_step, "kv_bytes_per_token": kv_per_token}
+
+
+def arithmetic(args) -> dict:
+    """Memory-bound decoding arithmetic for the Qwen3-1.7B-shaped student and Qwen3-8B-shaped teacher (bf16)."""
+    shape = SHAPES["qwen3"]
+    student, teacher = decode_traffic(shape.student, shape.vocab_size), decode_traffic(shape.teacher, shape.vocab_size)
+    length = args.prompt_tokens + args.completion_tokens
+    mean_context = args.prompt_tokens + args.completion_tokens / 2  # a rollout that runs to max_completion_length
+    bandwidth = args.bandwidth_tbps * 1e12
+    w_s, w_t = student["weight_bytes_read_per_step"], teacher["weight_bytes_read_per_step"]
+    kv_s, kv_t = student["kv_bytes_per_token"], teacher["kv_bytes_per_token"]
+
+    def step(weights: float, kv_per_token: float, batch: int) -> dict:
+        total = weights + batch * mean_context * kv_per_token
+        return {
+            "sequences_per_generate": batch,
+            "bytes_per_step": total,
+            "bytes_per_generated_token": total / batch,
+            "seconds_per_step_at_bandwidth": total / bandwidth,
+            "seconds_per_rollout_at_bandwidth": total
+            / bandwidth
+            * args.completion_tokens
+            * (args.generation_batch // batch),
+        }
+
+    rollouts = {
+        "student, whole generation batch (the parent's rollout)": step(w_s, kv_s, args.generation_batch),
+        "student, one chunk": step(w_s, kv_s, args.chunk),
+        "TRB, chunked (recipe)": step(w_s + w_t, kv_s + kv_t, args.chunk),
+        "TRB, whole generation batch": step(w_s + w_t, kv_s + kv_t, args.generation_batch),
+    }
+    chunks = args.generation_batch // args.chunk
+    kv_chunk_s, kv_chunk_t = args.chunk * length * kv_s, args.chunk * length * kv_t
+    return {
+        "student": student,
+        "teacher": teacher,
+        "settings": {
+            "prompt_tokens": args.prompt_tokens,
+            "completion_tokens": args.completion_tokens,
+            "chunk": args.chunk,
+            "generation_batch": args.generation_batch,
+            "mean_context": mean_context,
+            "bandwidth_bytes_per_second": bandwidth,
+        },
+        "weights_only_ratio": (w_s + w_t) / w_s,
+        "rollouts": rollouts,
+        "kv_cache": {
+            "student_one_chunk": kv_chunk_s,
+            "teacher_one_chunk": kv_chunk_t,
+            "teacher_all_chunks": chunks * kv_chunk_t,
+            "chunks": chunks,
+        },
+    }
+
+
+def print_arithmetic(result: dict) -> None:
+    gb, gib = 1e9, 2**30
+    student, teacher, settings = result["student"], result["teacher"], result["settings"]
+    print("Arithmetic, not a measurement: bf16, memory-bound decoding (every weight read once per step).")
+    for role, entry in (("student (Qwen3-1.7B shape, tied)", student), ("teacher (Qwen3-8B shape)", teacher)):
+        print(
+            f"{role:<34} {entry['params'] / 1e9:.3f}B params, {entry['weight_bytes_read_per_step'] / gb:.2f} GB "
+            f"weights read per step, KV {entry['kv_bytes_per_token'] / 1024:.0f} KiB per token"
+        )
+    print(f"weights read per step, TRB / student: {result['weights_only_ratio']:.2f}x")
+    print(
+        f"\nper decoding step at the mean context of a full-length rollout ({settings['mean_context']:.0f} tokens), "
+        f"floors at {settings['bandwidth_bytes_per_second'] / 1e12:.2f} TB/s:"
+    )
+    print(f"{'rollout':<56} {'GB/step':>8} {'GB/token':>9} {'ms/step':>8} {'s/rollout':>10}")
+    for name, entry in result["rollouts"].items():
+        print(
+            f"{name:<56} {entry['bytes_per_step'] / gb:>8.2f} {entry['bytes_per_generated_token'] / gb:>9.3f} "
+            f"{1e3 * entry['seconds_per_step_at_bandwidth']:>8.2f} {entry['seconds_per_rollout_at_bandwidth']:>10.1f}"
+        )
+    counts = result.get("op_counts")
+    if counts:
+        student_ops, teacher_ops = counts["student_decode_step"], counts["teacher_decode_step"]
+        blend_ops = counts["trust_region_blend_fixed_path"]
+        print(
+            f"\noperators dispatched per decoding step (batch {counts['batch_size']}; a count, not a time): student "
+            f"{student_ops}, teacher {teacher_ops}, trust_region_blend {blend_ops} (accelerator path); "
+            f"(student + teacher + blend) / (student + teacher) = "
+            f"{(student_ops + teacher_ops + blend_ops) / (student_ops + teacher_ops):.2f}"
+        )
+        blend_bytes = counts["trust_region_blend_unfused_bytes"]
+        trb = result["rollouts"]["TRB, chunked (recipe)"]["bytes_per_step"]
+        print(
+            f"trust_region_blend tensors read + written per call, unfused: {blend_bytes / 1e9:.2f} GB "
+            f"({100 * blend_bytes / trb:.0f}% of the chunked TRB step's {trb / 1e9:.2f} GB)"
+        )
+    kv = result["kv_cache"]
+    length = settings["prompt_tokens"] + settings["completion_tokens"]
+    print(f"\nKV cache of one generate chunk ({settings['chunk']} sequences x {length} tokens):")
+    print(f"  student {kv['student_one_chunk'] / gb:.2f} GB ({kv['student_one_chunk'] / gib:.2f} GiB)")
+    print(f"  teacher {kv['teacher_one_chunk'] / gb:.2f} GB ({kv['teacher_one_chunk'] / gib:.2f} GiB)")
+    print(
+        f"  teacher, all {kv['chunks']} chunks of a {settings['generation_batch']}-sequence generation batch alive: "
+        f"{kv['teacher_all_chunks'] / gb:.2f} GB ({kv['teacher_all_chunks'] / gib:.2f} GiB)"
+    )
+
+
+VIEW_OPS = (
+    "alias", "detach", "expand", "permute", "reshape", "select", "slice", "squeeze", "t", "transpose", "unsqueeze",
+    "view", "_unsafe_view",
+)  # fmt: skip
+
+
+def count_dispatched_ops(function) -> tuple[int, int]:
+    """How many non-view ATen operators `function()` dispatches (on a GPU, roughly the kernels it launches), and the
+    bytes of their input and output tensors summed over them (memory traffic if nothing were fused or cached)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        count = 0
+        nbytes = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket.__name__ not in VIEW_OPS:
+                Counter.count += 1
+                outs = list(out) if isinstance(out, tuple | list) else [out]
+                for value in [*args, *(kwargs or {}).values(), *outs]:
+                    if isinstance(value, torch.Tensor):
+                        Counter.nbytes += value.numel() * value.element_size()
+            return out
+
+    with torch.no_grad(), Counter():
+        function()
+    return Counter.count, Counter.nbytes
+
+
+def op_counts(batch_size: int) -> dict:
+    """Operators per decoding step for the Qwen3-shaped pair (the same layers and modules at small widths, on CPU:
+    the count does not depend on the width) and per `trust_region_blend` call on the accelerator path (fixed Newton
+    count; run on the meta device, which takes that path and allocates nothing)."""
+    shape = SHAPES["qwen3"]
+    counts = {}
+    for role in ("student", "teacher"):
+        spec = dict(getattr(shape, role), hidden_size=128, head_dim=8, intermediate=256)
+        config = qwen3_config(spec, shape.vocab_size, eos_token_id=None)
+        torch.manual_seed(0)
+        model = Qwen3ForCausalLM(config).eval()
+        prompt = torch.randint(3, 1000, (batch_size, 16))
+        with torch.no_grad():
+            cache = model(
+                input_ids=prompt, past_key_values=DynamicCache(config=config), use_cache=True
+            ).past_key_values
+        step = prompt[:, :1]
+        counts[f"{role}_decode_step"], _ = count_dispatched_ops(
+            lambda model=model, cache=cache, step=step: model(
+                input_ids=step, past_key_values=cache, use_cache=True, logits_to_keep=1
+            )
+        )
+    logits = torch.zeros(2, batch_size, shape.shared_vocab, device="meta")
+    counts["trust_region_blend_fixed_path"], counts["trust_region_blend_unfused_bytes"] = count_dispatched_ops(
+        lambda: trust_region_blend(logits[0], logits[1], 0.02)
+    )
+    counts["batch_size"] = batch_size
+    return counts
 
 
 def make_prompts(shape: Shape, batch_size: int, seed: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,6 +436,7 @@ def run_shape(shape: Shape, args, device: torch.device) -> dict:
         )
 
     teacher_seconds = []  # teacher forwards inside the TRB processor, per timed TRB run
+    peak_memory = {variant: 0 for variant in VARIANTS}  # CUDA: the most any call of the variant allocated
 
     def run(variant: str, seed: int) -> float:
         model, processor = student, None
@@ -224,12 +446,16 @@ def run_shape(shape: Shape, args, device: torch.device) -> dict:
             processor = trb_processor(args.epsilon if variant == "trb" else 0.0)
         torch.manual_seed(seed)
         synchronize(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
         sequences = model.generate(
             **generate_kwargs, logits_processor=LogitsProcessorList([processor] if processor is not None else [])
         )
         synchronize(device)
         seconds = time.perf_counter() - start
+        if device.type == "cuda":
+            peak_memory[variant] = max(peak_memory[variant], torch.cuda.max_memory_allocated(device))
         if sequences.shape[1] != input_ids.shape[1] + new_tokens:
             raise RuntimeError(
                 f"{variant} generated {sequences.shape[1] - input_ids.shape[1]} tokens, not {new_tokens}"
@@ -266,6 +492,7 @@ def run_shape(shape: Shape, args, device: torch.device) -> dict:
         "trb_teacher_seconds_median": statistics.median(teacher_seconds),
         "blend_seconds_per_step_median": blend_seconds,
         "ratios": ratios,
+        **({"peak_memory_bytes": peak_memory} if device.type == "cuda" else {}),
         "pass": {
             "trb_over_student_plus_teacher": ratios["trb_over_student_plus_teacher"] <= TRB_FLOOR,
             "eps0_over_student": ratios["eps0_over_student"] <= EPS0_FLOOR,
@@ -321,11 +548,13 @@ def print_result(result: dict) -> None:
             f"{variant:<10} {result['median_seconds'][variant]:>10.4f} {min(values):>9.4f} {max(values):>9.4f} "
             f"{result['tokens_per_second'][variant]:>10.1f}"
         )
+    if "peak_memory_bytes" in result:
+        peaks = ", ".join(f"{variant} {value / 2**30:.2f}" for variant, value in result["peak_memory_bytes"].items())
+        print(f"peak CUDA memory allocated (GiB, weights included): {peaks}")
     print(f"teacher forwards inside TRB (median): {result['trb_teacher_seconds_median']:.4f} s")
     blend = result["blend_seconds_per_step_median"]
-    print(
-        f"trust_region_blend alone: {1e3 * blend:.3f} ms/step, x{shape['new_tokens']} steps = {blend * shape['new_tokens']:.4f} s"
-    )
+    steps = shape["new_tokens"]
+    print(f"trust_region_blend alone: {1e3 * blend:.3f} ms/step, x{steps} steps = {blend * steps:.4f} s")
     foreign = result.get("foreign_cpu_cores")
     if foreign is not None:
         note = "  WARNING: other processes shared the CPU; timings are unreliable" if foreign > 0.1 else ""
@@ -335,11 +564,28 @@ def print_result(result: dict) -> None:
         print(f"{key:<31} {result['ratios'][key]:.3f}  (floor {floor:.2f})  {verdict}")
 
 
-def main(args=None) -> int:
-    args = make_parser().parse_args(args)
+def main(argv: list[str] | None = None) -> int:
+    start = time.perf_counter()
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1.")
+    command = " ".join(["python", os.path.relpath(__file__), *(sys.argv[1:] if argv is None else argv)])
+    if args.arithmetic:
+        result = arithmetic(args)
+        if args.count_ops:
+            result["op_counts"] = op_counts(args.chunk)
+        print_arithmetic(result)
+        if args.json:
+            with open(args.json, "w") as handle:
+                json.dump({"command": command, "arithmetic": result}, handle, indent=2)
+            print(f"\nwrote {args.json}")
+        return 0
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but CUDA is not available.")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     shapes = args.shapes or (["tiny", "qwen3"] if device.type == "cuda" else ["tiny"])
     environment = {
         "torch": torch.__version__,
@@ -361,12 +607,15 @@ def main(args=None) -> int:
             foreign = (busy_cpu_seconds() - busy_before - own) / (time.perf_counter() - wall_before)
             result["foreign_cpu_cores"] = max(foreign, 0.0)
         if device.type == "cuda":
-            torch.cuda.empty_cache()  # the pair went out of scope with run_shape
+            gc.collect()  # the pair went out of scope with run_shape: free it before building the next one
+            torch.cuda.empty_cache()
         print_result(result)
         results.append(result)
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"environment": environment, "config": config, "results": results}, handle, indent=2)
+            payload = {"command": command, "environment": environment, "config": config, "results": results}
+            payload["wall_seconds"] = time.perf_counter() - start
+            json.dump(payload, handle, indent=2)
         print(f"\nwrote {args.json}")
     passed = all(all(result["pass"].values()) for result in results)
     return 0 if passed or not args.strict else 1

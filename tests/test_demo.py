@@ -1,13 +1,14 @@
 import json
 import math
 import random
+import sys
 
 import pytest
 import torch
 
 from trb_trl import demo
 from trb_trl.demo_models import heldout_accuracy
-from trb_trl.demo_report import RunResult, build_report, summary_table
+from trb_trl.demo_report import RunResult, build_report, summary_table, warmup_checkpoint
 from trb_trl.demo_task import (
     AdditionProblem,
     build_task_tokenizer,
@@ -20,6 +21,15 @@ from trb_trl.demo_task import (
 
 
 REPORT_KEYS = {"task", "teacher_accuracy", "student_initial_accuracy", "seconds", "methods"}
+# What `trb-trl demo` adds: how the report was made.
+RUN_REPORT_KEYS = REPORT_KEYS | {
+    "settings",
+    "environment",
+    "metric",
+    "models_seconds",
+    "models_cached",
+    "step0_rollout_accuracy",
+}
 
 
 def _pairs(problems):
@@ -179,7 +189,9 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
 
     report = json.loads((output_dir / "report.json").read_text())
     assert (output_dir / "report.png").stat().st_size > 10_000
-    assert set(report) == REPORT_KEYS
+    assert set(report) == RUN_REPORT_KEYS
+    assert report["settings"]["steps"] == 30 and report["settings"]["seeds"] == [0]
+    assert report["settings"]["eval_size"] == 256 and report["settings"]["warmup_steps"] == 10
     assert isinstance(report["task"], str) and report["seconds"] > 0
     assert _is_fraction(report["teacher_accuracy"]) and _is_fraction(report["student_initial_accuracy"])
     assert report["teacher_accuracy"] >= 0.9
@@ -203,3 +215,139 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert demo.main([*rerun, "--cache-dir", str(cache_dir)]) == 0
     printed = capsys.readouterr().out
     assert "teacher: loaded from" in printed and "student: loaded from" in printed
+
+
+def _table_columns(table: str) -> list[str]:
+    header = next(line for line in table.splitlines() if line.startswith("method"))
+    return [cell.strip() for cell in header.split("  ") if cell.strip()]
+
+
+def test_summary_column_is_labelled_with_the_step_it_shows():
+    """K = 20 with an evaluation every 3 steps: the 'end of warmup' column holds step 18's accuracy, and says so."""
+    steps = list(range(0, 61, 3))
+    accuracy = [step / 100 for step in steps]  # accuracy encodes the step it was measured at
+    entry = {"steps": steps, "accuracy": [accuracy]}
+    report = {
+        "task": "t",
+        "teacher_accuracy": 1.0,
+        "student_initial_accuracy": 0.0,
+        "seconds": 1.0,
+        "methods": {"opd": entry, "trb": entry},
+    }
+    table = summary_table(report, warmup_steps=20)
+    columns = _table_columns(table)
+    assert "step 18 (last eval before K=20)" in columns and not any("step 20" in c for c in columns)
+    row = next(line for line in table.splitlines() if line.startswith("TRB"))
+    assert "0.180 [0.180-0.180]" in row and "0.600 [0.600-0.600]" in row
+    # K evaluated exactly: "end of warmup"; K recorded in the report's settings is the default.
+    assert "step 21 (end of warmup)" in _table_columns(summary_table(report, warmup_steps=21))
+    assert "step 18 (last eval before K=20)" in _table_columns(
+        summary_table({**report, "settings": {"warmup_steps": 20}})
+    )
+    # No column when the last evaluation at or before K is step 0 or the final step.
+    assert warmup_checkpoint(steps, 2) is None and warmup_checkpoint(steps, 60) is None
+    assert warmup_checkpoint(steps, None) is None
+    assert warmup_checkpoint([0, 5, 10], 7) == (5, "step 5 (last eval before K=7)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `trb-trl demo` end to end with the expensive parts stubbed: missing optional dependencies, report.json before
+# report.png, and the run settings in report.json.
+
+
+def _stub_expensive_parts(monkeypatch):
+    """Tiny random models instead of pretraining, scripted distillation curves instead of training runs."""
+    from trb_trl.tiny_models import build_tiny_qwen3
+
+    calls = {"pretrain": 0, "distil": []}
+
+    def load_or_pretrain(name, config, tokenizer, splits, *, task, cache_dir):
+        calls["pretrain"] += 1
+        model = build_tiny_qwen3(len(tokenizer), hidden_size=16, num_layers=1, eos_token_id=tokenizer.eos_token_id)
+        return model.eval(), 0.5, True
+
+    def run_distillation(method, *, settings, seed, **kwargs):
+        calls["distil"].append((method, seed))
+        steps = sorted({*range(0, settings.steps + 1, settings.eval_every), settings.steps})
+        warmup = settings.warmup_steps
+        return RunResult(
+            steps=steps,
+            accuracy=[0.1 + 0.01 * step for step in steps],
+            epsilon=[settings.epsilon * (1 - k / warmup) for k in range(warmup)],
+            beta_mean=[0.5] * warmup,
+        )
+
+    monkeypatch.setattr(demo, "load_or_pretrain", load_or_pretrain)
+    monkeypatch.setattr(demo, "run_distillation", run_distillation)
+    # The blend's own behaviour is tested elsewhere (and by the slow end-to-end run): fixed step-0 rollout numbers.
+    monkeypatch.setattr(demo, "step0_rollout_accuracy", lambda *a, **k: {"student": 0.2, "trb": 0.4, "teacher": 0.9})
+    return calls
+
+
+SMALL_RUN = ["--seeds", "2", "--steps", "7", "--eval-every", "3", "--eval-size", "8", "--epsilon", "0.1"]
+
+
+@pytest.mark.parametrize("module", ["matplotlib", "tqdm"])
+def test_demo_checks_optional_dependencies_before_any_work(module, monkeypatch, tmp_path):
+    calls = _stub_expensive_parts(monkeypatch)
+    monkeypatch.setitem(sys.modules, module, None)  # `import module` now raises ImportError, as if not installed
+    output_dir = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main([*SMALL_RUN, "--output-dir", str(output_dir)])
+    message = str(exit_info.value)
+    assert module in message and 'pip install "trb-trl[demo]"' in message
+    assert calls == {"pretrain": 0, "distil": []} and not output_dir.exists()
+
+
+def test_demo_checks_the_logger_it_is_asked_to_report_to(monkeypatch, tmp_path):
+    calls = _stub_expensive_parts(monkeypatch)
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    with pytest.raises(SystemExit, match=r"(?s)needs wandb.*pip install \"trb-trl\[wandb\]\""):
+        demo.main([*SMALL_RUN, "--output-dir", str(tmp_path / "out"), "--report-to", "wandb"])
+    assert calls["pretrain"] == 0
+
+
+def test_demo_writes_report_json_before_the_plot(monkeypatch, tmp_path, capsys):
+    """A plot that fails after the runs loses nothing: report.json and the summary are already out."""
+    calls = _stub_expensive_parts(monkeypatch)
+
+    def broken_plot(*args, **kwargs):
+        raise RuntimeError("plotting failed")
+
+    monkeypatch.setattr(demo, "plot_report", broken_plot)
+    output_dir = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="plotting failed"):
+        demo.main([*SMALL_RUN, "--output-dir", str(output_dir)])
+    assert len(calls["distil"]) == 4  # 2 seeds x (OPD, TRB)
+    report = json.loads((output_dir / "report.json").read_text())
+    assert set(report) == RUN_REPORT_KEYS and not (output_dir / "report.png").exists()
+    assert "vanilla OPD" in capsys.readouterr().out  # the summary table was printed before the plot
+
+
+def test_report_json_records_the_run_settings(monkeypatch, tmp_path, capsys):
+    import torch
+    import transformers
+    import trl
+
+    _stub_expensive_parts(monkeypatch)
+    output_dir = tmp_path / "out"
+    argv = [*SMALL_RUN, "--seed", "3", "--temperature", "0.9", "--eval-temperature", "0", "--warmup-steps", "4"]
+    assert demo.main([*argv, "--output-dir", str(output_dir)]) == 0
+    report = json.loads((output_dir / "report.json").read_text())
+    assert set(report) == RUN_REPORT_KEYS and (output_dir / "report.png").stat().st_size > 10_000
+    settings = report["settings"]
+    assert settings["seeds"] == [3, 4] and settings["steps"] == 7 and settings["eval_every"] == 3
+    assert settings["eval_size"] == 8 and settings["eval_temperature"] == 0.0 and settings["temperature"] == 0.9
+    assert settings["epsilon"] == 0.1 and settings["warmup_steps"] == 4 and settings["batch_size"] == 64
+    assert settings["learning_rate"] == 5e-4 and settings["threads"] == 1 and settings["quick"] is False
+    assert settings["teacher"]["hidden_size"] == demo.TEACHER.hidden_size
+    assert settings["arguments"]["output_dir"] == str(output_dir)
+    environment = report["environment"]
+    assert environment["torch"] == torch.__version__ and environment["transformers"] == transformers.__version__
+    assert environment["trl"] == trl.__version__ and environment["python"]
+    assert report["seconds"] > 0 and report["models_cached"] == {"teacher": True, "student": True}
+    assert report["metric"] == "exact-match accuracy (greedy)"
+    assert set(report["step0_rollout_accuracy"]) == {"student", "trb", "teacher"}
+    assert report["methods"]["opd"]["steps"] == [0, 3, 6, 7]
+    table = capsys.readouterr().out
+    assert "step 3 (last eval before K=4)" in table and "step 7 (final)" in table

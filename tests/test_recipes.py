@@ -1,5 +1,8 @@
-"""Every recipe parses into the script's dataclasses; leftover keys may only be `accelerate launch` options."""
+"""Every recipe parses into the script's dataclasses; leftover keys may only be `accelerate launch` options. The
+recipes' comments match their values, and the script loads prompts as documented."""
 
+import json
+import os
 from pathlib import Path
 
 import pytest
@@ -37,7 +40,7 @@ def test_the_promised_recipes_exist():
 @pytest.mark.parametrize("recipe", TRAINING_RECIPES, ids=lambda path: path.name)
 def test_recipe_parses_with_no_unknown_keys(recipe, monkeypatch):
     for key in yaml.safe_load(recipe.read_text()).get("env", {}):
-        monkeypatch.delenv(key, raising=False)  # parsing sets the recipe's env; undo it after the test
+        monkeypatch.setenv(key, "")  # parsing sets the recipe's env; monkeypatch restores it after the test
     parser = make_parser()
     *dataclasses, config_remaining, cli_remaining = parser.parse_args_and_config(
         ["--config", str(recipe), "--use_cpu", "true"],  # no GPU here: bf16 recipes need use_cpu to parse
@@ -64,7 +67,7 @@ def test_recipe_parses_with_no_unknown_keys(recipe, monkeypatch):
     ],
 )
 def test_qwen3_recipes_carry_the_paper_settings(recipe, student, teacher, epsilon, monkeypatch):
-    monkeypatch.delenv("WANDB_PROJECT", raising=False)
+    monkeypatch.setenv("WANDB_PROJECT", "")  # parsing sets it; monkeypatch restores it after the test
     script_args, args, model_args, _ = make_parser().parse_args_and_config(
         ["--config", str(RECIPES / recipe), "--use_cpu", "true"], return_remaining_strings=True
     )[:4]
@@ -83,3 +86,143 @@ def test_qwen3_recipes_carry_the_paper_settings(recipe, student, teacher, epsilo
 def test_accelerate_configs_load(config):
     loaded = ClusterConfig.from_yaml_file(str(config))
     assert loaded.num_processes >= 1
+
+
+def test_recipes_only_evaluate_on_a_split_they_have():
+    """OpenThoughts3 has only a `train` split: the Qwen3 recipes must not ask for evaluation (eval_strategy 'no')."""
+    for recipe in TRAINING_RECIPES:
+        config = yaml.safe_load(recipe.read_text())
+        if config.get("dataset_name", "").startswith("open-thoughts/OpenThoughts3"):
+            assert config.get("eval_strategy", "no") == "no", recipe.name
+            assert config.get("dataset_train_split", "train") == "train", recipe.name
+
+
+@pytest.mark.parametrize("recipe", TRAINING_RECIPES, ids=lambda path: path.name)
+def test_every_recipe_names_its_wandb_project(recipe, monkeypatch):
+    monkeypatch.setenv("WANDB_PROJECT", "")  # parsing sets it; monkeypatch restores it after the test
+    env = yaml.safe_load(recipe.read_text()).get("env", {})
+    assert env.get("WANDB_PROJECT"), f"{recipe.name} sets no env: {{WANDB_PROJECT: ...}}"
+    make_parser().parse_args_and_config(["--config", str(recipe), "--use_cpu", "true"], return_remaining_strings=True)
+    assert os.environ["WANDB_PROJECT"] == env["WANDB_PROJECT"]  # TrlParser exports the recipe's env
+
+
+def test_qwen3_recipe_comments_match_their_arithmetic():
+    """The recipes' comments state 256 sequences per step, 400 steps = one pass over 25,600 prompts x 4 copies, and
+    chunks of 8 sequences per TRB `generate` call; check the numbers against the values."""
+    for name in ("qwen3_1p7b.yaml", "qwen3_0p6b.yaml", "qwen3_1p7b_opd.yaml", "qwen3_0p6b_opd.yaml"):
+        text = (RECIPES / name).read_text()
+        config = yaml.safe_load(text)
+        processes = 8  # recipes/accelerate/zero3.yaml
+        per_step = processes * config["per_device_train_batch_size"] * config["gradient_accumulation_steps"]
+        assert per_step == 256 and "256 sequences per optimizer step" in text
+        assert config["max_train_prompts"] * config["rollouts_per_prompt"] == config["max_steps"] * per_step
+        assert "25,600" in text and f"{config['max_steps']} steps" in text
+        if config["trb_epsilon"] > 0:
+            generation_batch = config["per_device_train_batch_size"] * config["gradient_accumulation_steps"]
+            assert generation_batch // config["trb_generation_batch_size"] == 4 and "4 generate calls" in text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data loading of `trb_distill.main` (load_datasets): a local JSONL and a word tokenizer saved to disk, no Hub.
+
+LONG = " ".join(f"w{i}" for i in range(40))
+
+
+def _short(i: int) -> str:
+    return f"w{i // 10} w{10 + i % 10}"  # distinct for the 30 rows with i % 10 < 3
+
+
+@pytest.fixture
+def prompt_setup(tmp_path):
+    """A JSONL of 30 short and 70 long prompts (interleaved) and a word-level tokenizer saved to disk."""
+    from trb_trl.tiny_models import build_word_tokenizer
+
+    tokenizer_dir = tmp_path / "tokenizer"
+    build_word_tokenizer([f"w{i}" for i in range(64)]).save_pretrained(tokenizer_dir)
+    rows = [{"prompt": _short(i) if i % 10 < 3 else LONG, "id": i} for i in range(100)]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return prompts, tokenizer_dir
+
+
+def _parse(prompts, tokenizer_dir, *extra):
+    from trb_trl.scripts.trb_distill import make_parser
+
+    args = ["--config", str(RECIPES / "tiny_cpu.yaml"), "--dataset_name", str(prompts)]
+    args += ["--model_name_or_path", str(tokenizer_dir), "--output_dir", str(tokenizer_dir.parent / "out"), *extra]
+    return make_parser().parse_args_and_config(args, return_remaining_strings=True)[:4]
+
+
+def _num_tokens(tokenizer, prompt):
+    return len(
+        tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    )
+
+
+def test_prompt_subset_is_drawn_after_long_prompts_are_dropped(prompt_setup, monkeypatch):
+    """max_train_prompts=20 with 30 short prompts among 100: exactly 20 short prompts. Drawing 20 of the 100 first and
+    then dropping the long ones (the old order) would have kept about 6."""
+    from transformers import AutoTokenizer
+
+    from trb_trl.scripts.trb_distill import load_datasets
+
+    monkeypatch.setenv("WANDB_PROJECT", "")  # parsing the tiny recipe sets it; monkeypatch restores it
+    prompts, tokenizer_dir = prompt_setup
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    limit = 16
+    assert _num_tokens(tokenizer, [{"role": "user", "content": _short(0)}]) <= limit
+    assert _num_tokens(tokenizer, [{"role": "user", "content": LONG}]) > limit
+    options = ("--max_prompt_tokens", str(limit), "--system_prompt", "")
+    train, eval_dataset = load_datasets(*_parse(prompts, tokenizer_dir, "--max_train_prompts", "20", *options))
+    assert eval_dataset is None
+    assert len(train) == 20
+    texts = [row["prompt"][-1]["content"] for row in train]
+    shorts = [_short(i) for i in range(100) if i % 10 < 3]
+    assert set(texts) <= set(shorts) and len(set(texts)) == 20
+    assert all(_num_tokens(tokenizer, row["prompt"]) <= limit for row in train)
+    assert texts != shorts[:20]  # a seeded random draw, not the first 20 in file order
+
+    # The subset depends on the seed only, and rollouts_per_prompt repeats it afterwards.
+    again, _ = load_datasets(*_parse(prompts, tokenizer_dir, "--max_train_prompts", "20", *options))
+    assert again["prompt"] == train["prompt"]
+    repeated, _ = load_datasets(
+        *_parse(prompts, tokenizer_dir, "--max_train_prompts", "20", "--rollouts_per_prompt", "4", *options)
+    )
+    assert len(repeated) == 80 and repeated["prompt"][:20] == train["prompt"]
+
+    # Every short prompt is used when asked for all 30; 31 is more than there are: a clear error.
+    everything, _ = load_datasets(*_parse(prompts, tokenizer_dir, "--max_train_prompts", "30", *options))
+    assert len(everything) == 30
+    with pytest.raises(ValueError, match=r"max_train_prompts=31.*only 30 prompts.*longer than 16 tokens"):
+        load_datasets(*_parse(prompts, tokenizer_dir, "--max_train_prompts", "31", *options))
+    # Without a length limit or a subset, every row is a prompt, with the recipe's system prompt first.
+    full, _ = load_datasets(*_parse(prompts, tokenizer_dir))
+    assert len(full) == 100 and full[0]["prompt"][0] == {"role": "system", "content": "Please reason step by step."}
+
+
+def test_evaluation_on_a_missing_split_fails_before_anything_is_loaded(prompt_setup, monkeypatch):
+    import datasets
+
+    from trb_trl import prompt_data
+    from trb_trl.scripts.trb_distill import load_datasets
+
+    monkeypatch.setenv("WANDB_PROJECT", "")  # parsing the tiny recipe sets it; monkeypatch restores it
+    prompts, tokenizer_dir = prompt_setup
+    # A local file has one split, 'train': evaluation on 'test' is an error, not a silent re-use of the train file.
+    with pytest.raises(ValueError, match=r"has no split 'test' \(it has: train\).*eval_strategy: no"):
+        load_datasets(*_parse(prompts, tokenizer_dir, "--eval_strategy", "steps", "--eval_steps", "2"))
+    # Evaluating on the training file is possible when asked for explicitly.
+    _, eval_dataset = load_datasets(
+        *_parse(prompts, tokenizer_dir, "--eval_strategy", "steps", "--dataset_test_split", "train")
+    )
+    assert len(eval_dataset) == 100
+
+    # A Hub dataset with only a train split (OpenThoughts3): the error comes before any download.
+    def no_download(*args, **kwargs):
+        raise AssertionError("load_dataset must not run")
+
+    monkeypatch.setattr(datasets, "get_dataset_split_names", lambda name, config_name=None: ["train"])
+    monkeypatch.setattr(prompt_data, "load_dataset", no_download)
+    hub = ("--dataset_name", "open-thoughts/OpenThoughts3-1.2M", "--dataset_domain", "math")
+    with pytest.raises(ValueError, match=r"OpenThoughts3-1.2M has no split 'test' \(it has: train\)"):
+        load_datasets(*_parse(prompts, tokenizer_dir, *hub, "--eval_strategy", "steps"))

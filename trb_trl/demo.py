@@ -16,23 +16,29 @@ What it does (no GPU, no Hub):
    seeds: vanilla OPD (`trl.DistillationTrainer`) and TRB (`TRBDistillTrainer`), evaluating exact-match accuracy
    on held-out problems every few steps (pass@1 of one sample at temperature 1, as in the paper; greedy with
    `--eval-temperature 0`).
-4. Writes `report.json`, `report.png` and prints a summary table (`demo_report.py`).
+4. Writes `report.json` (curves, the run's settings, library versions, timings), prints a summary table, then
+   writes `report.png` (`demo_report.py`).
+
+Its optional dependencies (matplotlib, tqdm: `pip install "trb-trl[demo]"`; wandb/trackio with `--report-to`) are
+checked before any work starts.
 """
 
 import argparse
 import contextlib
 import copy
+import importlib
 import os
+import platform
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from transformers import TrainerCallback
 
 from .demo_models import PretrainConfig, default_cache_dir, heldout_accuracy, load_or_pretrain
-from .demo_report import METHOD_LABELS, RunResult, build_report, summary_table, write_report
+from .demo_report import METHOD_LABELS, RunResult, build_report, plot_report, summary_table, write_report_json
 from .demo_task import AdditionProblem, build_task_tokenizer, completion_length, make_splits, task_description
 
 
@@ -57,6 +63,31 @@ STUDENT = PretrainConfig(
     check_every=100,
     seed=0,
 )
+
+
+# What `trb-trl demo` imports beyond the package's own dependencies, and the extra that installs it.
+DEMO_DEPENDENCIES = {"matplotlib": "trb-trl[demo]", "tqdm": "trb-trl[demo]"}
+REPORT_TO_DEPENDENCIES = {"wandb": "trb-trl[wandb]", "trackio": "trackio"}
+
+
+def check_optional_dependencies(report_to: list[str]) -> None:
+    """Fail at once, before any training, if a module the demo needs later is missing: the plot (matplotlib), the
+    progress bars (tqdm) and the loggers asked for with `--report-to`. One `SystemExit` names all of them."""
+    needed = dict(DEMO_DEPENDENCIES)
+    needed.update({name: REPORT_TO_DEPENDENCIES[name] for name in report_to if name in REPORT_TO_DEPENDENCIES})
+    missing = {}
+    for module, extra in needed.items():
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing[module] = extra
+    if missing:
+        installs = " ".join(f'"{extra}"' for extra in dict.fromkeys(missing.values()))
+        raise SystemExit(
+            f"trb-trl demo needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not installed. "
+            f"Install {'it' if len(missing) == 1 else 'them'} with:\n    pip install {installs}\n"
+            "(nothing was trained or written)."
+        )
 
 
 @dataclass(frozen=True)
@@ -334,12 +365,51 @@ def _quiet_libraries():
         transformers.logging.enable_progress_bar()
 
 
+def run_environment() -> dict:
+    """Library versions and the machine, for `report.json`: the demo's numbers depend on them."""
+    import torch
+    import transformers
+    import trl
+
+    from . import __version__
+
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+        "trb_trl": __version__,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def run_settings(args, settings: RunSettings, seeds: list[int], eval_size: int) -> dict:
+    """Everything that decides the demo's numbers, for `report.json`."""
+    return {
+        **asdict(settings),
+        "seeds": seeds,
+        "eval_size": eval_size,
+        "quick": args.quick,
+        "threads": args.threads,
+        "arguments": vars(args),
+        "max_completion_length": completion_length(NUM_DIGITS),
+        "task": {"num_digits": NUM_DIGITS, "train": NUM_TRAIN, "dev": NUM_DEV, "eval_pool": EVAL_POOL},
+        "split_seed": SPLIT_SEED,
+        "teacher": asdict(TEACHER),
+        "student": asdict(STUDENT),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     settings, seeds, eval_size = _resolve_settings(args)
+    report_to = [r for r in args.report_to if r != "none"] or ["none"]
+    check_optional_dependencies(report_to)  # before any work: a missing plotting library must not cost a run
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    report_to = [r for r in args.report_to if r != "none"] or ["none"]
     if "wandb" in report_to:
         os.environ.setdefault("WANDB_MODE", "offline")  # never needs the network unless the user asks for it
         os.environ.setdefault("WANDB_DIR", str(output_dir))
@@ -364,10 +434,15 @@ def _run(args, settings: RunSettings, seeds: list[int], eval_size: int, output_d
         eval_problems = splits.eval[:eval_size]
         task = {"num_digits": NUM_DIGITS, "train": NUM_TRAIN, "dev": NUM_DEV, "eval": EVAL_POOL, "seed": SPLIT_SEED}
         cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
-        teacher, _, cached = load_or_pretrain("teacher", TEACHER, tokenizer, splits, task=task, cache_dir=cache_dir)
-        print(f"teacher: {'loaded from' if cached else 'trained and cached in'} {cache_dir}")
-        student, _, cached = load_or_pretrain("student", STUDENT, tokenizer, splits, task=task, cache_dir=cache_dir)
-        print(f"student: {'loaded from' if cached else 'trained and cached in'} {cache_dir}")
+        teacher, _, teacher_cached = load_or_pretrain(
+            "teacher", TEACHER, tokenizer, splits, task=task, cache_dir=cache_dir
+        )
+        print(f"teacher: {'loaded from' if teacher_cached else 'trained and cached in'} {cache_dir}")
+        student, _, student_cached = load_or_pretrain(
+            "student", STUDENT, tokenizer, splits, task=task, cache_dir=cache_dir
+        )
+        print(f"student: {'loaded from' if student_cached else 'trained and cached in'} {cache_dir}")
+        models_seconds = time.perf_counter() - start
         teacher_accuracy = heldout_accuracy(teacher, tokenizer, eval_problems, temperature=settings.eval_temperature)
         student_accuracy = heldout_accuracy(student, tokenizer, eval_problems, temperature=settings.eval_temperature)
         print(
@@ -408,16 +483,26 @@ def _run(args, settings: RunSettings, seeds: list[int], eval_size: int, output_d
             student_initial_accuracy=student_accuracy,
             seconds=time.perf_counter() - start,
             runs=runs,
+            settings=run_settings(args, settings, seeds, eval_size),
+            environment=run_environment(),
+            metric=metric_name(settings.eval_temperature),
+            models_seconds=models_seconds,
+            models_cached={"teacher": teacher_cached, "student": student_cached},
+            step0_rollout_accuracy=rollout_accuracy,
         )
-        json_path, png_path = write_report(report, output_dir, metric=metric_name(settings.eval_temperature))
+        # The JSON first: whatever happens to the plot, the numbers are on disk.
+        json_path = write_report_json(report, output_dir)
     print()
-    print(summary_table(report, warmup_steps=settings.warmup_steps, metric=metric_name(settings.eval_temperature)))
+    print(summary_table(report, warmup_steps=settings.warmup_steps, metric=report["metric"]))
     print(
         f"\nsettings: {settings.steps} steps x {settings.batch_size} prompts, lr {settings.learning_rate}, "
         f"temperature {settings.temperature}, TRB epsilon_0 {settings.epsilon} annealed to 0 over "
         f"{settings.warmup_steps} steps; seeds {seeds}"
     )
-    print(f"wrote {json_path} and {png_path}")
+    print(f"wrote {json_path}")
+    png_path = json_path.parent / "report.png"
+    plot_report(report, png_path, metric=report["metric"])
+    print(f"wrote {png_path}")
     return 0
 
 

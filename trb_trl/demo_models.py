@@ -13,7 +13,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase, Qwen3ForCausalLM
 
 from .demo_task import AdditionProblem, ProblemSplits, completion_length, exact_match_accuracy
@@ -146,6 +145,8 @@ def pretrain(
 ) -> int:
     """Plain next-token training on worked solutions (AdamW, linear warmup then constant lr, grad clip 1), in place.
     Returns the number of steps trained (fewer than `config.steps` when the dev accuracy target is reached)."""
+    from tqdm.auto import tqdm  # an optional dependency (`trb-trl[demo]`), checked up front by `trb-trl demo`
+
     rng = random.Random(config.seed)
     torch.manual_seed(config.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.01)

@@ -33,9 +33,14 @@ def build_report(
     student_initial_accuracy: float,
     seconds: float,
     runs: dict[str, list[RunResult]],
+    settings: dict | None = None,
+    environment: dict | None = None,
+    **extra,
 ) -> dict:
     """The `report.json` payload. Accuracy lists are per seed; TRB's epsilon and beta_mean are per warmup step
-    (entry k is the rollout made after k optimizer steps), averaged over seeds."""
+    (entry k is the rollout made after k optimizer steps), averaged over seeds. `settings` (the run's knobs: seeds,
+    steps, eval size, temperature, epsilon, K, ...) and `environment` (library versions, machine) are recorded as
+    given, so that a report says how it was made; `extra` adds further top-level entries."""
     methods = {}
     for method, results in runs.items():
         steps = results[0].steps
@@ -51,26 +56,50 @@ def build_report(
         "teacher_accuracy": float(teacher_accuracy),
         "student_initial_accuracy": float(student_initial_accuracy),
         "seconds": float(seconds),
+        **({"settings": settings} if settings is not None else {}),
+        **({"environment": environment} if environment is not None else {}),
+        **extra,
         "methods": methods,
     }
 
 
 def _accuracy_at(entry: dict, step: int) -> list[float]:
-    """Per-seed accuracy at the last evaluation at or before `step`."""
-    index = max(i for i, s in enumerate(entry["steps"]) if s <= step)
+    """Per-seed accuracy of the evaluation made at exactly `step` (a `ValueError` if there was none)."""
+    index = entry["steps"].index(step)
     return [seed[index] for seed in entry["accuracy"]]
 
 
+def warmup_checkpoint(steps: list[int], warmup_steps: int | None) -> tuple[int, str] | None:
+    """The evaluation step shown for the end of the TRB warmup and its column label: step K itself when it was
+    evaluated, else the last evaluation before K (with K=20 and an evaluation every 3 steps, step 18). The label names
+    the step whose accuracy the column holds. None when there is no such evaluation strictly between 0 and the end."""
+    if warmup_steps is None or warmup_steps <= 0:
+        return None
+    shown = max(s for s in steps if s <= warmup_steps)
+    if shown <= 0 or shown >= steps[-1]:
+        return None
+    if shown == warmup_steps:
+        return shown, f"step {shown} (end of warmup)"
+    return shown, f"step {shown} (last eval before K={warmup_steps})"
+
+
 def summary_table(report: dict, *, warmup_steps: int | None = None, metric: str = "exact-match accuracy") -> str:
-    """A plain-text table: accuracy at step 0, at the end of the TRB warmup, at the end (mean, min-max over seeds),
-    and the mean over all evaluations (area under the accuracy curve, normalised)."""
+    """A plain-text table: accuracy at step 0, at the end of the TRB warmup (the last evaluation at or before K,
+    labelled with its step), at the end (mean, min-max over seeds), and the mean over all evaluations (area under the
+    accuracy curve, normalised). `warmup_steps` defaults to the K recorded in the report's settings."""
+    if warmup_steps is None:
+        warmup_steps = report.get("settings", {}).get("warmup_steps")
     any_entry = next(iter(report["methods"].values()))
-    last = any_entry["steps"][-1]
+    steps = any_entry["steps"]
+    if any(entry["steps"] != steps for entry in report["methods"].values()):
+        raise ValueError("All methods must be evaluated at the same steps for one table.")
+    last = steps[-1]
     columns = ["step 0"]
     checkpoints = [0]
-    if warmup_steps is not None and 0 < warmup_steps < last:
-        columns.append(f"step {warmup_steps} (end of warmup)")
-        checkpoints.append(warmup_steps)
+    warmup = warmup_checkpoint(steps, warmup_steps)
+    if warmup is not None:
+        checkpoints.append(warmup[0])
+        columns.append(warmup[1])
     columns += [f"step {last} (final)", "mean over curve"]
     header = ["method", "seeds", *columns]
     rows = []
@@ -149,11 +178,19 @@ def plot_report(report: dict, path: str | Path, *, metric: str = "exact-match ac
     plt.close(fig)
 
 
-def write_report(report: dict, output_dir: str | Path, *, metric: str = "exact-match accuracy") -> tuple[Path, Path]:
-    """Write `report.json` and `report.png` into `output_dir`; return their paths."""
+def write_report_json(report: dict, output_dir: str | Path) -> Path:
+    """Write `report.json` into `output_dir` (created if needed); return its path."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    json_path, png_path = output_dir / "report.json", output_dir / "report.png"
+    json_path = output_dir / "report.json"
     json_path.write_text(json.dumps(report, indent=2) + "\n")
+    return json_path
+
+
+def write_report(report: dict, output_dir: str | Path, *, metric: str = "exact-match accuracy") -> tuple[Path, Path]:
+    """Write `report.json`, then `report.png`, into `output_dir`; return their paths. The JSON is on disk before the
+    plot is attempted, so a failing plot loses nothing."""
+    json_path = write_report_json(report, output_dir)
+    png_path = json_path.parent / "report.png"
     plot_report(report, png_path, metric=metric)
     return json_path, png_path

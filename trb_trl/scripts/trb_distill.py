@@ -49,12 +49,15 @@ class TRBScriptArguments(ScriptArguments):
         dataset_domain (`str`, *optional*):
             Keep only rows whose `domain` column equals this (OpenThoughts3: `"math"`, `"code"`, `"science"`).
         max_train_prompts (`int`, *optional*):
-            Use a random subset of this many training prompts.
+            Train on a random subset (seeded by `seed`) of exactly this many prompts, drawn after `dataset_domain`
+            and `max_prompt_tokens` have filtered the split; an error if fewer remain.
         max_prompt_tokens (`int`, *optional*):
-            Drop prompts longer than this many tokens (chat template applied) instead of truncating them.
+            Drop prompts longer than this many tokens (the student's tokenizer, chat template applied) instead of
+            truncating them; applied to the evaluation prompts too.
         rollouts_per_prompt (`int`, *optional*, defaults to `1`):
             Repeat every training prompt this many times. TRL samples one completion per prompt, so this is how the
-            paper's "64 prompts x 4 rollouts" per step is expressed (256 prompt copies per step).
+            paper's 4 rollouts per prompt are expressed. The trainer shuffles the copies like any other rows, so the
+            copies of one prompt usually land in different optimizer steps (there is no per-prompt group here).
     """
 
     prompt_column: str = field(default="prompt", metadata={"help": "Column holding the prompt (text or messages)."})
@@ -63,20 +66,108 @@ class TRBScriptArguments(ScriptArguments):
         default=None, metadata={"help": "Keep only rows whose 'domain' column equals this (e.g. 'math')."}
     )
     max_train_prompts: int | None = field(
-        default=None, metadata={"help": "Use a random subset of this many training prompts."}
+        default=None,
+        metadata={
+            "help": "Train on a random subset of exactly this many prompts, drawn after dataset_domain and "
+            "max_prompt_tokens have filtered the split (an error if fewer remain)."
+        },
     )
     max_prompt_tokens: int | None = field(
-        default=None, metadata={"help": "Drop prompts longer than this many tokens (chat template applied)."}
+        default=None,
+        metadata={
+            "help": "Drop prompts longer than this many tokens (student tokenizer, chat template applied), before "
+            "max_train_prompts draws its subset."
+        },
     )
     rollouts_per_prompt: int = field(
         default=1, metadata={"help": "Repeat every training prompt this many times (one completion per copy)."}
     )
 
 
-def main(script_args, training_args, model_args, dataset_args):
+def load_datasets(script_args, training_args, model_args, dataset_args):
+    """The training and (when `eval_strategy` is not `"no"`) evaluation prompt datasets, as chat prompts.
+
+    Training prompts: `dataset_domain` filter, then prompts longer than `max_prompt_tokens` are dropped, then exactly
+    `max_train_prompts` are drawn at random (`seed`), then each is repeated `rollouts_per_prompt` times. Evaluation
+    prompts come from `dataset_test_split`; asking for evaluation on a split the dataset lacks is an error raised
+    here, before any model is loaded (OpenThoughts3, for one, has only `train`).
+    """
     from datasets import concatenate_datasets
 
-    from trb_trl.prompt_data import drop_long_prompts, load_prompt_dataset, to_chat_prompt
+    from trb_trl.prompt_data import (
+        available_splits,
+        load_prompt_dataset,
+        missing_split_message,
+        prompt_length_filter,
+        select_prompts,
+    )
+
+    evaluate = training_args.eval_strategy != "no"
+    tokenizer = keep = None
+    if script_args.max_prompt_tokens is not None:  # prompts are measured with the student's tokenizer
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(
+            model_args.model_name_or_path,
+            revision=model_args.model_revision,
+            trust_remote_code=training_args.trust_remote_code,
+        )
+        keep = prompt_length_filter(tokenizer, script_args.max_prompt_tokens)
+    select_options = dict(
+        keep=keep,
+        seed=training_args.seed,
+        prompt_column=script_args.prompt_column,
+        system_prompt=script_args.system_prompt,
+        max_prompt_tokens=script_args.max_prompt_tokens,
+    )
+    eval_dataset = None
+    if dataset_args.datasets:
+        splits = get_dataset(dataset_args)
+        for split in [script_args.dataset_train_split] + ([script_args.dataset_test_split] if evaluate else []):
+            if split not in splits:
+                raise ValueError(missing_split_message("The dataset mixture", split, list(splits)))
+        train_dataset = select_prompts(
+            splits[script_args.dataset_train_split],
+            num_prompts=script_args.max_train_prompts,
+            description="the dataset mixture",
+            **select_options,
+        )
+        if evaluate:
+            eval_dataset = select_prompts(splits[script_args.dataset_test_split], **select_options)
+    elif script_args.dataset_name:
+        load_options = dict(
+            config=script_args.dataset_config,
+            prompt_column=script_args.prompt_column,
+            system_prompt=script_args.system_prompt,
+            domain=script_args.dataset_domain,
+            max_prompt_tokens=script_args.max_prompt_tokens,
+            tokenizer=tokenizer,
+            seed=training_args.seed,
+        )
+        if evaluate:  # fail before the (possibly long) training-set download and filtering
+            splits = available_splits(script_args.dataset_name, script_args.dataset_config)
+            if splits is not None and script_args.dataset_test_split not in splits:
+                raise ValueError(
+                    missing_split_message(script_args.dataset_name, script_args.dataset_test_split, splits)
+                )
+        train_dataset = load_prompt_dataset(
+            script_args.dataset_name,
+            split=script_args.dataset_train_split,
+            max_samples=script_args.max_train_prompts,
+            **load_options,
+        )
+        if evaluate:
+            eval_dataset = load_prompt_dataset(
+                script_args.dataset_name, split=script_args.dataset_test_split, **load_options
+            )
+    else:
+        raise ValueError("Set `dataset_name` (a Hub dataset or a local prompt file) or `datasets`.")
+    if script_args.rollouts_per_prompt > 1:
+        train_dataset = concatenate_datasets([train_dataset] * script_args.rollouts_per_prompt)
+    return train_dataset, eval_dataset
+
+
+def main(script_args, training_args, model_args, dataset_args):
     from trb_trl.trb_distill_trainer import TRBDistillTrainer
 
     if training_args.teacher_model_name_or_path is None:
@@ -96,39 +187,7 @@ def main(script_args, training_args, model_args, dataset_args):
         **(training_args.teacher_model_init_kwargs or {}),
     }
 
-    prompt_options = dict(
-        prompt_column=script_args.prompt_column,
-        system_prompt=script_args.system_prompt,
-        domain=script_args.dataset_domain,
-        seed=training_args.seed,
-    )
-    if dataset_args.datasets:
-        train_dataset = get_dataset(dataset_args)[script_args.dataset_train_split].map(
-            to_chat_prompt,
-            fn_kwargs={"prompt_column": script_args.prompt_column, "system_prompt": script_args.system_prompt},
-        )
-    elif script_args.dataset_name:
-        train_dataset = load_prompt_dataset(
-            script_args.dataset_name,
-            config=script_args.dataset_config,
-            split=script_args.dataset_train_split,
-            max_samples=script_args.max_train_prompts,
-            **prompt_options,
-        )
-    else:
-        raise ValueError("Set `dataset_name` (a Hub dataset or a local prompt file) or `datasets`.")
-    if script_args.max_prompt_tokens is not None:
-        train_dataset = drop_long_prompts(train_dataset, model_args.model_name_or_path, script_args.max_prompt_tokens)
-    if script_args.rollouts_per_prompt > 1:
-        train_dataset = concatenate_datasets([train_dataset] * script_args.rollouts_per_prompt)
-    eval_dataset = None
-    if training_args.eval_strategy != "no" and script_args.dataset_name:
-        eval_dataset = load_prompt_dataset(
-            script_args.dataset_name,
-            config=script_args.dataset_config,
-            split=script_args.dataset_test_split,
-            **prompt_options,
-        )
+    train_dataset, eval_dataset = load_datasets(script_args, training_args, model_args, dataset_args)
 
     trainer = TRBDistillTrainer(
         model=model_args.model_name_or_path,
@@ -156,6 +215,15 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str 
 
 
 if __name__ == "__main__":
+    from torch.distributed.elastic.multiprocessing.errors import record
+
     parser = make_parser()
-    script_args, training_args, model_args, dataset_args = parser.parse_args_and_config(fail_with_unknown_args=False)
-    main(script_args, training_args, model_args, dataset_args)
+    try:
+        script_args, training_args, model_args, dataset_args = parser.parse_args_and_config(
+            fail_with_unknown_args=False
+        )
+    except ValueError as error:  # a config error (e.g. from `TRBDistillConfig.__post_init__`): one line, no traceback
+        parser.exit(2, f"trb-trl: error: {' '.join(str(error).split())}\n")
+    # Under torchrun (multi-GPU, ZeRO), `record` hands this process's error to the launcher, so `trb-trl train`
+    # reports it last instead of torchrun's summary; in a single process it only re-raises.
+    record(main)(script_args, training_args, model_args, dataset_args)
