@@ -5,7 +5,7 @@ import pytest
 import torch
 from reference import blend_row_reference
 
-from trb_trl import trust_region_blend
+from trb_trl import blending, trust_region_blend
 
 
 def _random_pair(batch, vocab, seed, scale=3.0, correlation=0.5):
@@ -15,8 +15,41 @@ def _random_pair(batch, vocab, seed, scale=3.0, correlation=0.5):
     return student, teacher
 
 
+def _peaked_pair(batch, vocab, seed, overlap):
+    """Rows shaped like real LM logits: a bulk around 0 and a few tokens 15-40 above it.
+
+    Student and teacher peak at different tokens; with `overlap` the teacher also peaks at the student's top token.
+    At low temperature the student's log-prob of the teacher's peaks is in the hundreds or thousands below 0.
+    """
+    rng = np.random.default_rng(seed)
+    student = rng.normal(0.0, 2.0, (batch, vocab))
+    teacher = rng.normal(0.0, 2.0, (batch, vocab)) + 0.5 * student
+    for row in range(batch):
+        peaks = rng.choice(vocab, size=6, replace=False)
+        student_peaks, teacher_peaks = peaks[: rng.integers(1, 4)], peaks[3 : 3 + rng.integers(1, 4)]
+        if overlap:
+            teacher_peaks = np.append(teacher_peaks, student_peaks[0])
+        student[row, student_peaks] += rng.uniform(15.0, 40.0, len(student_peaks))
+        teacher[row, teacher_peaks] += rng.uniform(15.0, 40.0, len(teacher_peaks))
+    return torch.tensor(student, dtype=torch.float32), torch.tensor(teacher, dtype=torch.float32)
+
+
+def _spread_pair(batch, vocab, seed):
+    """Logits uniform over [-100, 100]: at tau = 0.05 tempered log-probs span about 4000 nats."""
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.rand(2, batch, vocab, generator=generator) * 200.0 - 100.0).unbind(0)
+
+
+def _rows(kind, batch, vocab, seed):
+    if kind == "spread":
+        return _spread_pair(batch, vocab, seed)
+    return _peaked_pair(batch, vocab, seed, overlap=kind == "peaked_overlap")
+
+
 def _assert_matches_reference(student, teacher, epsilon, temperature=1.0):
     result = trust_region_blend(student, teacher, epsilon, temperature=temperature)
+    for field in (result.logprobs, result.beta, result.kl_to_student, result.kl_to_teacher):
+        assert not torch.isnan(field).any()
     epsilons = epsilon.tolist() if isinstance(epsilon, torch.Tensor) else [epsilon] * student.shape[0]
     for row, eps in enumerate(epsilons):
         ref_logprobs, ref_beta, ref_kl_student, ref_kl_teacher = blend_row_reference(
@@ -28,11 +61,12 @@ def _assert_matches_reference(student, teacher, epsilon, temperature=1.0):
         total_variation = 0.5 * np.abs(mu - np.exp(ref_logprobs)).sum()
         assert total_variation < 2e-3, (row, eps, total_variation)
         # The realised KL, measured in float64 on the returned distribution, respects the budget.
-        allowed = np.isfinite(ref_logprobs)
+        allowed = np.isfinite(student[row].double().numpy())
         z = student[row].double().numpy()[allowed] / temperature
         log_student = z - np.logaddexp.reduce(z)
         log_mu = result.logprobs[row].double().numpy()[allowed]
-        realised = float(np.sum(np.exp(log_mu) * (log_mu - log_student)))
+        kept = log_mu > -np.inf  # the tokens the teacher rules out are dropped once beta > 0
+        realised = float(np.sum(np.exp(log_mu[kept]) * (log_mu[kept] - log_student[kept])))
         assert realised <= eps * (1 + 1e-3) + 2e-5, (row, eps, realised)
         assert result.kl_to_student[row].item() == pytest.approx(ref_kl_student, rel=1e-2, abs=2e-5)
         assert result.kl_to_teacher[row].item() == pytest.approx(ref_kl_teacher, rel=1e-2, abs=1e-4)
@@ -163,3 +197,99 @@ def test_invalid_arguments_raise(kwargs, message):
 def test_shape_mismatch_raises():
     with pytest.raises(ValueError, match="must both be"):
         trust_region_blend(torch.zeros(2, 10), torch.zeros(2, 11), 0.1)
+
+
+@pytest.mark.parametrize("temperature", [0.05, 0.1, 0.3, 1.0])
+@pytest.mark.parametrize("epsilon", [1e-4, 1e-3, 0.02, 0.05, 0.5])
+@pytest.mark.parametrize("kind", ["peaked_disjoint", "peaked_overlap", "spread"])
+def test_matches_reference_on_peaked_and_spread_logits(kind, epsilon, temperature):
+    """Low temperature and peaked logits put student log-probs far below -88 on tokens mu* needs (no overflow)."""
+    student, teacher = _rows(kind, 4, 2000, seed=int(1e4 * epsilon) + int(100 * temperature))
+    _assert_matches_reference(student, teacher, epsilon, temperature)
+
+
+@pytest.mark.parametrize("temperature", [0.05, 0.1])
+def test_matches_reference_on_peaked_rows_at_qwen3_vocab_size(temperature):
+    peaked, peaked_teacher = _peaked_pair(2, 151_936, seed=11, overlap=True)
+    spread, spread_teacher = _spread_pair(1, 151_936, seed=12)
+    student, teacher = torch.cat([peaked, spread]), torch.cat([peaked_teacher, spread_teacher])
+    _assert_matches_reference(student, teacher, torch.tensor([1e-3, 0.05, 0.02]), temperature)
+
+
+@pytest.mark.parametrize("temperature", [0.05, 0.3, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_peaked_rows_with_banned_tokens(dtype, temperature):
+    student, teacher = _peaked_pair(4, 3000, seed=13, overlap=False)
+    student[:, :30] = float("-inf")
+    student[0, student[0].argmax()] = float("-inf")  # the student's own favourite is banned
+    teacher[1, :30] += 60.0  # the teacher prefers banned tokens by far: renormalised over the rest
+    for epsilon in [1e-3, 0.05, 0.5]:
+        result = _assert_matches_reference(student.to(dtype), teacher.to(dtype), epsilon, temperature)
+        assert torch.all(result.logprobs[:, :30] == float("-inf"))
+
+
+def test_tokens_the_teacher_rules_out():
+    """A teacher `-inf` on a token the student allows (e.g. a teacher-only stop id) is exact zero mass.
+
+    Every mu_b with b > 0 drops that token, so KL(mu_b || pi_S) >= cost = -log(1 - p0), p0 the student's mass on it:
+    a smaller budget leaves the student untouched (beta* = 0), a larger one blends over the teacher's support.
+    """
+    student, teacher = _peaked_pair(4, 500, seed=14, overlap=True)
+    student[:, 7] = student.amax(-1) + torch.tensor([-30.0, -8.0, -3.0, 1.0])  # p0 from ~0 to the favourite
+    teacher[:, 7] = float("-inf")
+    for temperature in [0.3, 1.0]:
+        log_student = torch.log_softmax(student.double() / temperature, -1)
+        cost = -torch.log1p(-log_student[:, 7].exp())
+        for epsilon in [0.0, 1e-4, 0.02, 0.5, 5.0]:
+            result = _assert_matches_reference(student, teacher, epsilon, temperature)
+            stays = (epsilon < cost).tolist()
+            assert (result.beta == 0).tolist() == stays, (temperature, epsilon, result.beta, cost)
+            for row, student_row in enumerate(stays):
+                if student_row:
+                    torch.testing.assert_close(result.logprobs[row].double(), log_student[row], atol=1e-5, rtol=1e-6)
+                else:
+                    assert result.logprobs[row, 7] == float("-inf")
+            assert torch.all(result.teacher_valid)
+
+
+def test_invalid_teacher_rows_fall_back_to_the_student_and_are_flagged():
+    student, teacher = _peaked_pair(7, 300, seed=15, overlap=False)
+    student[:, :5] = float("-inf")
+    teacher[0, 100] = float("nan")  # NaN on an allowed token
+    teacher[1, 2] = float("nan")  # NaN only on a banned token: ignored, the row is valid
+    teacher[2, 5:] = float("-inf")  # no finite mass on the allowed set
+    teacher[3] = float("nan")
+    teacher[4, 50] = float("inf")  # +inf: not a distribution
+    teacher[5, :5] = float("inf")  # +inf only on banned tokens: valid
+    for temperature, epsilon in [(1.0, 0.05), (0.1, 1e3), (0.3, 0.0)]:
+        result = trust_region_blend(student, teacher, epsilon, temperature=temperature)
+        valid = torch.tensor([False, True, False, False, False, True, True])
+        assert torch.equal(result.teacher_valid, valid)
+        invalid = ~valid
+        assert torch.all(result.beta[invalid] == 0)
+        assert torch.all(result.kl_to_student[invalid] == 0) and torch.all(result.kl_to_teacher[invalid] == 0)
+        torch.testing.assert_close(result.logprobs[invalid], torch.log_softmax(student[invalid] / temperature, -1))
+        for field in (result.logprobs, result.beta, result.kl_to_student, result.kl_to_teacher):
+            assert not torch.isnan(field).any()
+        for row in valid.nonzero().flatten().tolist():
+            _, ref_beta, _, _ = blend_row_reference(
+                student[row].double().numpy(), teacher[row].double().numpy(), epsilon, temperature
+            )
+            assert abs(result.beta[row].item() - ref_beta) < 2e-3
+
+
+def test_fixed_iteration_count_of_accelerators_gives_the_same_blend(monkeypatch):
+    """Accelerators run every Newton step (no host sync): iterating past convergence must not move the answer."""
+    student, teacher = _peaked_pair(6, 2000, seed=16, overlap=False)
+    spread_student, spread_teacher = _spread_pair(2, 2000, seed=17)
+    wide_student, wide_teacher = _random_pair(2, 2000, seed=18, scale=15.0, correlation=-0.5)
+    student = torch.cat([student, spread_student, wide_student])
+    teacher = torch.cat([teacher, spread_teacher, wide_teacher])
+    teacher[0, 3] = float("-inf")
+    epsilon = torch.tensor([1e-4, 1e-3, 0.02, 0.05, 0.5, 1e-6, 0.02, 0.5, 1e-6, 1e-5])
+    for temperature in [0.1, 1.0]:
+        early = trust_region_blend(student, teacher, epsilon, temperature=temperature)
+        monkeypatch.setattr(blending, "_STOP_EARLY_ON_CPU", False)
+        fixed = _assert_matches_reference(student, teacher, epsilon, temperature)
+        monkeypatch.setattr(blending, "_STOP_EARLY_ON_CPU", True)
+        torch.testing.assert_close(fixed.beta, early.beta, atol=1e-5, rtol=0)
