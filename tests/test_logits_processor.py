@@ -252,10 +252,75 @@ def test_teacher_stop_ids_need_a_student_stop_id(teacher):
         TrustRegionBlendingProcessor(teacher, 0.1, student_eos_token_id=[], teacher_eos_token_id=7)
 
 
-def test_beam_search_is_rejected(student, teacher, left_padded_batch):
+def test_beam_search_is_rejected_because_it_reorders_sequences(student, teacher, left_padded_batch):
+    mask = left_padded_batch["attention_mask"]
+    # The same processor set-up works with one beam; with four, the first beam reordering is refused.
+    _generate(student, left_padded_batch, TrustRegionBlendingProcessor(teacher, 0.1, prompt_attention_mask=mask))
+    processor = TrustRegionBlendingProcessor(teacher, 0.1, prompt_attention_mask=mask)
+    with pytest.raises(ValueError, match="beam search"):
+        _generate(student, left_padded_batch, processor, num_beams=4, do_sample=False)
+
+
+def test_expanded_attention_masks_are_rejected(student, teacher, left_padded_batch):
+    mask = left_padded_batch["attention_mask"]
+    expanded = mask[:, None, None, :].expand(-1, 1, mask.shape[1], -1)  # a 4-D attention mask
+    processor = TrustRegionBlendingProcessor(teacher, 0.1, prompt_attention_mask=expanded)
+    with pytest.raises(ValueError, match="2-D"):
+        processor(left_padded_batch["input_ids"], torch.randn(4, 64))
+
+
+def test_num_return_sequences_rows_follow_their_prompts_mask(student, teacher, tokenizer, left_padded_batch):
+    """Rows expanded by num_return_sequences get their own prompt's padding: greedy rows equal the unexpanded ones."""
+    kwargs = dict(
+        prompt_attention_mask=left_padded_batch["attention_mask"], student_eos_token_id=tokenizer.eos_token_id
+    )
+    greedy = dict(do_sample=True, top_k=1)  # num_return_sequences needs sampling; top_k=1 takes argmax mu
+    single = _generate(student, left_padded_batch, TrustRegionBlendingProcessor(teacher, 0.05, **kwargs), **greedy)
+    expanded = _generate(
+        student,
+        left_padded_batch,
+        TrustRegionBlendingProcessor(teacher, 0.05, **kwargs),
+        num_return_sequences=2,
+        **greedy,
+    )
+    assert torch.equal(expanded[::2], single) and torch.equal(expanded[1::2], single)
+
+
+def test_release_frees_the_teacher_cache_and_keeps_the_statistics(student, teacher, left_padded_batch):
     processor = TrustRegionBlendingProcessor(teacher, 0.1, prompt_attention_mask=left_padded_batch["attention_mask"])
-    with pytest.raises(ValueError, match="attention mask"):
-        _generate(student, left_padded_batch, processor, num_beams=2, do_sample=False)
+    _generate(student, left_padded_batch, processor, max_new_tokens=4)
+    assert processor._cache is not None
+    before = processor.statistics()
+    processor.release()
+    assert processor._cache is None and processor._previous_input_ids is None
+    assert torch.equal(processor.statistics()["beta"], before["beta"]) and before["beta"].numel() > 0
+
+
+class _BrokenTeacher(_StopLovingTeacher):
+    """Returns NaN logits for row 0 and finite ones elsewhere."""
+
+    def forward(self, input_ids, past_key_values=None, **kwargs):
+        logits = self.logits.expand(input_ids.shape[0], 1, -1).clone()
+        logits[0] = float("nan")
+        return SimpleNamespace(logits=logits, past_key_values=past_key_values or "cache")
+
+
+def test_invalid_teacher_rows_are_counted_and_sampled_from_the_student(student, tokenizer, left_padded_batch):
+    teacher = _BrokenTeacher(len(tokenizer), tokenizer.eos_token_id)
+    processor = TrustRegionBlendingProcessor(teacher, 1e9, prompt_attention_mask=left_padded_batch["attention_mask"])
+    scores = torch.randn(4, len(tokenizer))
+    blended = processor(left_padded_batch["input_ids"], scores)
+    assert not torch.isnan(blended).any()
+    torch.testing.assert_close(blended[0].log_softmax(-1), scores[0].log_softmax(-1))  # row 0: the student
+    summary = processor.summary()
+    assert summary["teacher_invalid_fraction"] == pytest.approx(0.25)
+    assert summary["teacher_fraction"] == pytest.approx(0.75)  # the invalid row is not "sampled from the teacher"
+
+
+def test_empty_statistics_are_on_the_requested_device(teacher):
+    processor = TrustRegionBlendingProcessor(teacher, 0.1)
+    stats = processor.statistics(device="meta")
+    assert all(value.device.type == "meta" and value.numel() == 0 for value in stats.values())
 
 
 def test_teacher_step_driven_by_the_student_forward_gives_identical_rollouts(

@@ -25,7 +25,7 @@ def _paper_setup(**overrides):
     kwargs = dict(
         student_config=QWEN3_1P7B,
         teacher_config=QWEN3_8B,
-        student_params=2_031_739_904,
+        student_params=1_720_574_976,  # Qwen3-1.7B, embeddings tied
         teacher_params=8_190_735_360,
         num_sequences=32,
         sequence_length=1024 + 7168,
@@ -82,3 +82,39 @@ def test_trainer_runs_the_preflight_with_its_own_numbers(tiny_pair_dir, tmp_path
         trainer._check_rollout_memory()
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=2**40))
     trainer._check_rollout_memory()
+
+
+def test_a_colocated_vllm_engine_that_stays_awake_is_counted():
+    asleep, awake = (
+        _paper_setup(num_sequences=8),
+        _paper_setup(num_sequences=8, vllm_reserved_fraction=0.6, device_bytes=80 * GIB),
+    )
+    assert awake.vllm_reserved == int(0.6 * 80 * GIB)
+    assert awake.total - asleep.total == awake.vllm_reserved
+    assert "vLLM" in awake.explain(80 * GIB)
+    assert check_rollout_memory(asleep, 80 * GIB) is None
+    with pytest.raises(ValueError, match="vllm_enable_sleep_mode"):
+        check_rollout_memory(awake, 80 * GIB)
+
+
+def test_trainer_counts_vllm_only_when_colocated_and_awake(tiny_pair_dir, tmp_path):
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from trb_trl import TRBDistillConfig, TRBDistillTrainer
+
+    args = TRBDistillConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", max_steps=1)
+    trainer = TRBDistillTrainer(
+        model=tiny_pair_dir["student"],
+        teacher_model=tiny_pair_dir["teacher"],
+        args=args,
+        train_dataset=Dataset.from_list([{"prompt": "w1 w2"}] * 8),
+        processing_class=AutoTokenizer.from_pretrained(tiny_pair_dir["tokenizer"]),
+    )
+    assert trainer._vllm_reserved_fraction() == 0.0
+    trainer.args.use_vllm, trainer.args.vllm_mode, trainer.args.vllm_gpu_memory_utilization = True, "colocate", 0.4
+    assert trainer._vllm_reserved_fraction() == 0.4
+    trainer.args.vllm_enable_sleep_mode = True
+    assert trainer._vllm_reserved_fraction() == 0.0
+    trainer.args.vllm_enable_sleep_mode, trainer.args.vllm_mode = False, "server"
+    assert trainer._vllm_reserved_fraction() == 0.0

@@ -1,12 +1,16 @@
+import os
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
 from datasets import Dataset
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trb_trl import TRBDistillConfig, TRBDistillTrainer, TrustRegionBlendingProcessor
 from trb_trl._compat import DistillationConfig, DistillationTrainer
+from trb_trl.stop_alignment import StopAlignment
+from trb_trl.tiny_models import END_OF_TEXT, IM_END, build_tiny_qwen3
 
 
 TRB_KEYS = [
@@ -18,6 +22,7 @@ TRB_KEYS = [
     "trb/kl_to_student/mean",
     "trb/kl_to_student/max",
     "trb/kl_to_teacher/mean",
+    "trb/teacher_invalid_fraction",
     "trb/rollout_teacher_seconds",
 ]
 
@@ -179,27 +184,6 @@ def test_vllm_rollouts_resume_after_warmup(tiny_pair_dir, prompts, tmp_path, pro
     assert {p for p in processor_calls} and trainer.use_vllm is True
 
 
-def test_trb_metrics_reach_wandb_offline(tiny_pair_dir, prompts, tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    trainer = _trainer(tiny_pair_dir, _args(tmp_path, max_steps=2, report_to="wandb", run_name="trb-test"), prompts)
-    trainer.train()
-    import wandb
-
-    summary_keys = set(wandb.run.summary.keys())
-    wandb.finish()
-    for key in TRB_KEYS:
-        assert f"train/{key}" in summary_keys, key
-    assert "train/trb/beta_histogram" in summary_keys
-    # And they are in the offline run file itself (protobuf stores the key strings verbatim).
-    run_files = list(Path(tmp_path).glob("wandb/offline-run-*/run-*.wandb"))
-    assert len(run_files) == 1
-    payload = run_files[0].read_bytes()
-    for key in ["train/trb/epsilon", "train/trb/beta/mean", "train/trb/kl_to_student/max", "train/trb/beta_histogram"]:
-        assert key.encode() in payload, key
-
-
 def test_wrong_config_class_is_rejected(tiny_pair_dir, prompts, tmp_path):
     with pytest.raises(TypeError, match="TRBDistillConfig"):
         _trainer(tiny_pair_dir, _args(tmp_path, DistillationConfig), prompts)
@@ -234,3 +218,160 @@ def test_processor_blends_at_the_temperature_generate_samples_at(tiny_pair_dir, 
     trainer.train()
     assert trainer.generation_config.temperature == 0.5
     assert processor_calls and {p.temperature for p in processor_calls} == {0.5}
+
+
+def _stop_loving_teacher(path, stop_id, stop_probability=0.3):
+    """The tiny teacher with its output replaced by a fixed distribution: `stop_id` with `stop_probability` at every
+    position, the rest uniform (an instruct teacher that wants to end its turn with `<|im_end|>`)."""
+    teacher = AutoModelForCausalLM.from_pretrained(path)
+    vocab, hidden = teacher.lm_head.weight.shape
+    head = torch.nn.Linear(hidden, vocab, bias=True)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[stop_id] = torch.log(torch.tensor(stop_probability * (vocab - 1) / (1 - stop_probability)))
+    teacher.lm_head = head
+    return teacher
+
+
+def _student_completion_lengths(trainer, prompts, max_new_tokens):
+    student = trainer.accelerator.unwrap_model(trainer.model).eval()
+    tokenizer = trainer.processing_class
+    batch = tokenizer([p[0]["content"] for p in prompts["prompt"][:32]], return_tensors="pt", padding=True)
+    torch.manual_seed(1)
+    sequences = student.generate(
+        **batch, do_sample=True, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id
+    )
+    completions = sequences[:, batch["input_ids"].shape[1] :].tolist()
+    eos = tokenizer.eos_token_id
+    return [row.index(eos) + 1 if eos in row else len(row) for row in completions]
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+def test_opd_control_learns_to_stop_on_the_students_own_stop_id(
+    tiny_pair_dir, prompts, tmp_path, monkeypatch, aligned
+):
+    """epsilon = 0: an instruct-style teacher that stops on <|im_end|> teaches the Base-style student to stop on
+    <|endoftext|> only because the loss merges the two stop tokens."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_pair_dir["tokenizer"])
+    endoftext, im_end = tokenizer.convert_tokens_to_ids([END_OF_TEXT, IM_END])
+    if not aligned:
+        monkeypatch.setattr(StopAlignment, "between", classmethod(lambda cls, student, teacher: None))
+    args = _args(
+        tmp_path,
+        trb_epsilon=0.0,
+        max_steps=8,
+        learning_rate=2e-2,
+        max_completion_length=16,
+        per_device_train_batch_size=8,
+    )
+    trainer = TRBDistillTrainer(
+        model=tiny_pair_dir["student"],
+        teacher_model=_stop_loving_teacher(tiny_pair_dir["teacher"], im_end),
+        args=args,
+        train_dataset=prompts,
+        processing_class=tokenizer,
+    )
+    assert (trainer._trb_stop_alignment == StopAlignment(endoftext, (im_end,))) is aligned
+    trainer.train()
+    lengths = _student_completion_lengths(trainer, prompts, max_new_tokens=16)
+    mean_length = sum(lengths) / len(lengths)
+    if aligned:
+        assert mean_length < 8, lengths  # the teacher's stop rate (0.3 per token) now means "stop" to the student
+    else:
+        assert mean_length > 12, lengths  # taught <|im_end|>, which does not end its generation
+
+
+def test_shared_stop_ids_leave_the_parents_loss_untouched(tokenizer, prompts, tmp_path, processor_calls):
+    eos = tokenizer.eos_token_id
+    student = build_tiny_qwen3(len(tokenizer), hidden_size=32, eos_token_id=eos, seed=1)
+    teacher = build_tiny_qwen3(len(tokenizer), hidden_size=48, eos_token_id=eos, seed=2)
+    trainer = TRBDistillTrainer(
+        model=student, teacher_model=teacher, args=_args(tmp_path), train_dataset=prompts, processing_class=tokenizer
+    )
+    assert trainer._trb_stop_alignment is None
+
+
+def test_at_most_one_teacher_cache_is_alive_during_a_chunked_rollout(tiny_pair_dir, prompts, tmp_path, monkeypatch):
+    caches, alive_counts = [], []
+    original = TrustRegionBlendingProcessor._advance_teacher
+
+    def spy(self, new_tokens):
+        logits = original(self, new_tokens)
+        if not any(ref() is self._cache for ref in caches):
+            caches.append(weakref.ref(self._cache))
+        alive_counts.append(sum(ref() is not None for ref in caches))
+        return logits
+
+    monkeypatch.setattr(TrustRegionBlendingProcessor, "_advance_teacher", spy)
+    args = _args(tmp_path, max_steps=1, per_device_train_batch_size=6, trb_generation_batch_size=2)
+    trainer = _trainer(tiny_pair_dir, args, prompts)
+    trainer.train()
+    assert len(caches) == 3  # a 3-chunk rollout
+    assert max(alive_counts) == 1
+    assert all(ref() is None for ref in caches)  # and none outlives the rollout
+
+
+def test_vision_language_models_are_rejected_with_trb(tiny_pair_dir, prompts, tmp_path, monkeypatch):
+    monkeypatch.setattr(DistillationTrainer, "_is_vlm", True, raising=False)
+    original_init = DistillationTrainer.__init__
+
+    def init_then_mark_vlm(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        self._is_vlm = True
+
+    monkeypatch.setattr(DistillationTrainer, "__init__", init_then_mark_vlm)
+    with pytest.raises(ValueError, match="vision-language"):
+        _trainer(tiny_pair_dir, _args(tmp_path), prompts)
+
+
+def test_trb_metrics_reach_wandb_offline_and_wandb_does_not_change_the_trajectory(
+    tiny_pair_dir, prompts, tmp_path, monkeypatch
+):
+    import wandb
+    from wandb_offline import read_history
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    wandb.teardown()  # W&B reads its settings (WANDB_DIR included) once per process: start from a clean slate
+    trainers = {}
+    for report_to in ("none", "wandb"):
+        args = _args(tmp_path / report_to, max_steps=2, report_to=report_to, run_name="trb-test")
+        trainers[report_to] = _trainer(tiny_pair_dir, args, prompts)
+        trainers[report_to].train()
+        if wandb.run is not None:
+            wandb.finish()
+    wandb.teardown()
+
+    # Sampling the beta histogram uses a generator of its own: the training RNG, hence the run, is unchanged.
+    for (name, p), (_, q) in zip(
+        trainers["none"].model.named_parameters(), trainers["wandb"].model.named_parameters(), strict=True
+    ):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
+
+    # The run is under output_dir, and its file holds every trb/* metric and the histogram, per step.
+    run_files = list((tmp_path / "wandb" / "out").glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(run_files) == 1
+    rows = [row for row in read_history(run_files[0]) if "train/trb/epsilon" in row]
+    assert [row["train/trb/epsilon"] for row in rows] == pytest.approx([0.05, 0.025])
+    for row in rows:
+        for key in TRB_KEYS:
+            assert f"train/{key}" in row, key
+        assert row["train/trb/beta_histogram/_type"] == "histogram"
+        assert sum(row["train/trb/beta_histogram/values"]) == 4 * 8  # every rollout token of this process
+    logged = [entry for entry in _train_logs(trainers["wandb"])]
+    assert [row["train/trb/beta/mean"] for row in rows] == pytest.approx([e["trb/beta/mean"] for e in logged])
+
+
+def test_wandb_runs_go_under_output_dir_unless_wandb_dir_is_set(tmp_path, monkeypatch):
+    from trb_trl import trb_distill_trainer
+
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    monkeypatch.setattr(trb_distill_trainer, "_wandb_dir_we_set", None)
+    trb_distill_trainer._put_wandb_runs_under(str(tmp_path / "a"))
+    trb_distill_trainer._put_wandb_runs_under(str(tmp_path / "b"))  # a second trainer in the same process
+    assert os.environ["WANDB_DIR"] == str(tmp_path / "b")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "mine"))
+    trb_distill_trainer._put_wandb_runs_under(str(tmp_path / "c"))
+    assert os.environ["WANDB_DIR"] == str(tmp_path / "mine")

@@ -1,10 +1,12 @@
 """The one place that imports from TRL, including the private hooks we override.
 
 `TRBDistillTrainer` overrides `DistillationTrainer._generate_single_turn`, a private hook that moved several times
-within TRL 1.x (1.10 generated in `_generate_with_model`). We test against TRL 1.16 and refuse other versions rather
-than silently training without the trust region.
+within TRL 1.x (1.10 generated in `_generate_with_model`), and, for a student and teacher with different stop tokens,
+substitutes the divergence function that `DistillationTrainer._compute_loss` calls. We test against TRL 1.16 and
+refuse other versions rather than silently training without the trust region or the stop alignment.
 """
 
+import contextlib
 from importlib.metadata import version
 
 from packaging.version import Version
@@ -31,11 +33,36 @@ from trl import (  # noqa: E402
     get_quantization_config,
 )
 from trl.distributed import DistributedBackend  # noqa: E402
+from trl.trainer import distillation_trainer as _distillation_module  # noqa: E402
+from trl.trainer.utils import maybe_gather_lm_head_ctx  # noqa: E402
 
 
 # The rollout hook `TRBDistillTrainer` wraps; checked at import so a TRL refactor fails loudly, not silently.
 if not hasattr(DistillationTrainer, "_generate_single_turn"):
     raise ImportError("trl.DistillationTrainer has no `_generate_single_turn`; this TRL version is not supported.")
+
+# `_compute_loss` looks its divergence function up by this module-level name at call time.
+_DIVERGENCE_FUNCTION = "_chunked_divergence_loss"
+if _DIVERGENCE_FUNCTION not in DistillationTrainer._compute_loss.__code__.co_names or not hasattr(
+    _distillation_module, _DIVERGENCE_FUNCTION
+):
+    raise ImportError(
+        f"trl.DistillationTrainer._compute_loss no longer calls `{_DIVERGENCE_FUNCTION}`; this TRL version is not "
+        "supported (the stop-token alignment of the loss could not be applied)."
+    )
+
+
+@contextlib.contextmanager
+def divergence_function_replaced(function):
+    """Make `DistillationTrainer._compute_loss` call `function` (same signature as TRL's `_chunked_divergence_loss`)
+    in place of TRL's divergence for the duration of the block; everything else in the loss stays TRL's."""
+    original = getattr(_distillation_module, _DIVERGENCE_FUNCTION)
+    setattr(_distillation_module, _DIVERGENCE_FUNCTION, function)
+    try:
+        yield
+    finally:
+        setattr(_distillation_module, _DIVERGENCE_FUNCTION, original)
+
 
 __all__ = [
     "DistributedBackend",
@@ -45,7 +72,9 @@ __all__ = [
     "ModelConfig",
     "ScriptArguments",
     "TrlParser",
+    "divergence_function_replaced",
     "get_dataset",
     "get_peft_config",
     "get_quantization_config",
+    "maybe_gather_lm_head_ctx",
 ]

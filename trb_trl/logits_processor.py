@@ -1,22 +1,12 @@
 """A `transformers.LogitsProcessor` that samples from the trust-region blend of the student and a teacher."""
 
 import time
-from collections.abc import Iterable
 
 import torch
 from transformers import LogitsProcessor
 
 from .blending import trust_region_blend
-
-
-def _as_id_list(token_ids: int | Iterable[int] | torch.Tensor | None) -> list[int]:
-    if token_ids is None:
-        return []
-    if isinstance(token_ids, torch.Tensor):
-        return [int(t) for t in token_ids.flatten().tolist()]
-    if isinstance(token_ids, int):
-        return [token_ids]
-    return [int(t) for t in token_ids]
+from .stop_alignment import StopAlignment, as_id_list
 
 
 def output_vocab_size(model: torch.nn.Module) -> int:
@@ -34,7 +24,8 @@ class TrustRegionBlendingProcessor(LogitsProcessor):
 
     The teacher runs incrementally next to the student with its own KV cache: the first call feeds the prompt, each
     later call only the newly sampled token, with positions taken from `prompt_attention_mask` (left padding)
-    extended by ones, exactly as `generate` does for the student. Use one instance per `generate` call.
+    extended by ones, exactly as `generate` does for the student. Use one instance per `generate` call; call
+    `release()` when it returns to free the teacher's cache (the statistics stay).
 
     Temperature: transformers applies its temperature, top-k and top-p warpers *after* custom processors. This
     processor blends the distributions tempered by `temperature` and returns `temperature * log mu*`, so after the
@@ -63,8 +54,11 @@ class TrustRegionBlendingProcessor(LogitsProcessor):
             out of the statistics. Defaults to the teacher's stop ids (same stop convention, nothing to map).
         teacher_eos_token_id (`int` or `list[int]`, *optional*):
             The teacher's stop ids, defaulting to its generation config. The teacher's mass on stop ids the student
-            does not use is moved onto the student's canonical stop id before blending, so that a Base student
-            (`<|endoftext|>`) and an instruct teacher (`<|im_end|>`) agree on "stop".
+            does not use is moved onto the student's canonical stop id before blending ([`StopAlignment`]), so
+            that a Base student (`<|endoftext|>`) and an instruct teacher (`<|im_end|>`) agree on "stop".
+
+    Sequences must extend the previous step's by one token: beam search, which reorders its beams, is rejected at
+    the first reordering. Rows expanded by `num_return_sequences` are matched to their prompt's mask.
 
     Example:
 
@@ -114,18 +108,21 @@ class TrustRegionBlendingProcessor(LogitsProcessor):
         if teacher_eos_token_id is None:
             generation_config = getattr(teacher_model, "generation_config", None)
             teacher_eos_token_id = getattr(generation_config, "eos_token_id", None)
-        self.teacher_eos_token_ids = _as_id_list(teacher_eos_token_id)
+        self.teacher_eos_token_ids = as_id_list(teacher_eos_token_id)
         # Without explicit student stop ids, the student is assumed to stop where the teacher does (no mapping).
         self.student_eos_token_ids = (
-            _as_id_list(student_eos_token_id) if student_eos_token_id is not None else list(self.teacher_eos_token_ids)
+            as_id_list(student_eos_token_id) if student_eos_token_id is not None else list(self.teacher_eos_token_ids)
         )
-        # Teacher stop ids the student does not stop on are merged into the student's canonical stop id.
-        self._teacher_only_stop_ids = [t for t in self.teacher_eos_token_ids if t not in self.student_eos_token_ids]
-        if self._teacher_only_stop_ids and not self.student_eos_token_ids:
-            raise ValueError(
-                f"The teacher stops on token ids {self._teacher_only_stop_ids} but `student_eos_token_id` is empty; "
-                "pass the student's stop id so that the teacher's stop mass can be mapped onto it."
-            )
+        try:
+            self.stop_alignment = StopAlignment.between(self.student_eos_token_ids, self.teacher_eos_token_ids)
+        except ValueError as error:
+            raise ValueError(f"{error} (`student_eos_token_id` is empty)") from None
+        if self.stop_alignment is not None and vocab_size is not None:
+            outside = [
+                i for i in (self.stop_alignment.canonical_id, *self.stop_alignment.merged_ids) if i >= vocab_size
+            ]
+            if outside:
+                raise ValueError(f"Stop ids {outside} are outside the shared vocabulary of {vocab_size} tokens.")
 
         self._cache = None
         self._attention_mask = None
@@ -134,10 +131,10 @@ class TrustRegionBlendingProcessor(LogitsProcessor):
         self._prompt_length = None
         self._finished = None
         self._shared_vocab = None
-        self._stop_tensors = None
         self._student_stop_tensor = None
         self._student_hook = None
         self._stashed_logits = None
+        self._previous_input_ids = None
         self._records: list[tuple[torch.Tensor, ...]] = []
         self._teacher_seconds = 0.0
         self._teacher_forwards = 0
@@ -173,12 +170,7 @@ class TrustRegionBlendingProcessor(LogitsProcessor):
             mask = self.prompt_attention_mask
             if mask is None:
                 mask = torch.ones_like(new_tokens)
-            mask = mask.to(device=new_tokens.device, dtype=torch.long)
-            if mask.shape != new_tokens.shape:
-                raise ValueError(
-                    f"prompt_attention_mask has shape {tuple(mask.shape)} but generation started from input_ids of "
-                    f"shape {tuple(new_tokens.shape)}; pass the attention mask given to `generate`."
-                )
+            mask = self._mask_for(mask.to(device=new_tokens.device, dtype=torch.long), new_tokens)
             position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
             self._finished = torch.zeros(new_tokens.shape[0], dtype=torch.bool, device=new_tokens.device)
             self._length = 0
@@ -200,6 +192,36 @@ class TrustRegionBlendingProcessor(LogitsProcessor):
         self._length += new_tokens.shape[1]
         self._timer_stop(new_tokens.device, start)
         return outputs.logits[:, -1, :]
+
+    @staticmethod
+    def _mask_for(mask: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """The (batch, prompt_length) mask of `input_ids`, expanded like `generate` expands its inputs."""
+        if mask.dim() != 2:
+            raise ValueError(
+                f"prompt_attention_mask must be the 2-D (batch, prompt_length) padding mask given to `generate`, got "
+                f"shape {tuple(mask.shape)}; expanded 4-D attention masks (packed sequences) are not supported."
+            )
+        rows, length = input_ids.shape
+        if mask.shape[1] != length or rows % mask.shape[0] != 0:
+            raise ValueError(
+                f"prompt_attention_mask has shape {tuple(mask.shape)} but generation started from input_ids of "
+                f"shape {(rows, length)}; pass the attention mask given to `generate`."
+            )
+        # num_return_sequences (and num_beams) repeat each prompt consecutively.
+        return mask.repeat_interleave(rows // mask.shape[0], dim=0)
+
+    def _check_continuation(self, input_ids: torch.LongTensor) -> None:
+        """Each call must extend every sequence of the previous call by one token: the teacher's cache follows them."""
+        previous = self._previous_input_ids
+        self._previous_input_ids = input_ids
+        if previous is None:
+            return
+        if input_ids.shape[1] != previous.shape[1] + 1 or not torch.equal(input_ids[:, :-1], previous):
+            raise ValueError(
+                "TrustRegionBlendingProcessor needs every sequence to extend the previous step's by one token, but "
+                "the sequences were reordered or replaced (beam search does this). Use sampling or greedy search "
+                "(num_beams=1) with trust-region blending, or set epsilon to 0."
+            )
 
     def _teacher_logits(self, input_ids: torch.LongTensor) -> torch.Tensor:
         if self._student_hook is not None:  # the student's forward already advanced the teacher for this step
@@ -244,23 +266,6 @@ class TrustRegionBlendingProcessor(LogitsProcessor):
             self._student_hook.remove()
             self._student_hook = None
 
-    def _map_teacher_stop_mass(self, teacher_logits: torch.Tensor) -> torch.Tensor:
-        if not self._teacher_only_stop_ids:
-            return teacher_logits
-        if self._stop_tensors is None:
-            ids = [self.student_eos_token_ids[0], *self._teacher_only_stop_ids]
-            ids = [i for i in ids if i < teacher_logits.shape[-1]]
-            self._stop_tensors = (
-                torch.tensor(ids, device=teacher_logits.device),
-                torch.tensor(ids[1:], device=teacher_logits.device, dtype=torch.long),
-            )
-        stop_ids, teacher_only = self._stop_tensors
-        stop_mass = torch.logsumexp(teacher_logits[:, stop_ids], dim=-1)
-        teacher_logits = teacher_logits.clone()
-        teacher_logits[:, teacher_only] = float("-inf")
-        teacher_logits[:, stop_ids[0]] = stop_mass
-        return teacher_logits
-
     def _update_finished(self, input_ids: torch.LongTensor) -> None:
         if self._finished is None or input_ids.shape[1] <= self._prompt_length or not self.student_eos_token_ids:
             return
@@ -274,14 +279,19 @@ class TrustRegionBlendingProcessor(LogitsProcessor):
         if self._shared_vocab is None:
             self._shared_vocab = self._resolve_vocab(scores.shape[-1])
         vocab = self._shared_vocab
+        self._check_continuation(input_ids)
         self._update_finished(input_ids)
 
-        teacher_logits = self._map_teacher_stop_mass(self._teacher_logits(input_ids)[:, :vocab].float())
+        teacher_logits = self._teacher_logits(input_ids)[:, :vocab].float()
+        if self.stop_alignment is not None:
+            teacher_logits = self.stop_alignment.apply(teacher_logits)
         epsilon = self.epsilon
         if isinstance(epsilon, torch.Tensor):
             epsilon = epsilon.to(scores.device)
         blend = trust_region_blend(scores[:, :vocab], teacher_logits, epsilon, temperature=self.temperature)
-        self._records.append((blend.beta, blend.kl_to_student, blend.kl_to_teacher, ~self._finished.clone()))
+        self._records.append(
+            (blend.beta, blend.kl_to_student, blend.kl_to_teacher, blend.teacher_valid, ~self._finished.clone())
+        )
         blended = scores.new_full(scores.shape, float("-inf"))
         blended[:, :vocab] = (blend.logprobs * self.temperature).to(scores.dtype)
         return blended
@@ -316,18 +326,36 @@ class TrustRegionBlendingProcessor(LogitsProcessor):
         """Number of teacher forwards this processor ran."""
         return self._teacher_forwards
 
-    def statistics(self) -> dict[str, torch.Tensor]:
+    def release(self) -> None:
+        """Free the teacher's KV cache and everything else held for decoding; the statistics stay readable."""
+        self.detach()
+        self._cache = self._attention_mask = self._stashed_logits = self._previous_input_ids = None
+
+    def statistics(self, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
         """Per-token statistics over rows that had not finished, flattened over steps: `beta`, `kl_to_student`,
-        `kl_to_teacher` (float32 tensors of equal length)."""
+        `kl_to_teacher` (float32) and `teacher_valid` (bool), on `device` (default: where they were computed)."""
         if not self._records:
-            empty = torch.zeros(0)
-            return {"beta": empty, "kl_to_student": empty, "kl_to_teacher": empty}
-        beta, kl_student, kl_teacher, valid = (torch.stack(x) for x in zip(*self._records))
-        return {"beta": beta[valid], "kl_to_student": kl_student[valid], "kl_to_teacher": kl_teacher[valid]}
+            empty = torch.zeros(0, device=device)
+            return {
+                "beta": empty,
+                "kl_to_student": empty,
+                "kl_to_teacher": empty,
+                "teacher_valid": empty.bool(),
+            }
+        beta, kl_student, kl_teacher, teacher_valid, active = (torch.stack(x) for x in zip(*self._records))
+        statistics = {
+            "beta": beta[active],
+            "kl_to_student": kl_student[active],
+            "kl_to_teacher": kl_teacher[active],
+            "teacher_valid": teacher_valid[active],
+        }
+        return {name: value.to(device) if device is not None else value for name, value in statistics.items()}
 
     def summary(self) -> dict[str, float]:
         """Aggregates for logging: beta mean/min/max, the fraction of tokens drawn from the teacher (beta* = 1),
-        KL(mu||pi_S) mean/max, KL(mu||pi_T) mean, the number of blended tokens and the teacher time."""
+        KL(mu||pi_S) mean/max, KL(mu||pi_T) mean, the fraction of tokens whose teacher logits were invalid (NaN or
+        no finite mass; those tokens were drawn from the student), the number of blended tokens and the teacher
+        time."""
         stats = self.statistics()
         beta = stats["beta"]
         num_tokens = int(beta.numel())
@@ -341,6 +369,7 @@ class TrustRegionBlendingProcessor(LogitsProcessor):
             "kl_to_student/mean": stats["kl_to_student"].mean().item(),
             "kl_to_student/max": stats["kl_to_student"].max().item(),
             "kl_to_teacher/mean": stats["kl_to_teacher"].mean().item(),
+            "teacher_invalid_fraction": (~stats["teacher_valid"]).float().mean().item(),
             "num_tokens": num_tokens,
             "teacher_seconds": self.teacher_seconds,
         }

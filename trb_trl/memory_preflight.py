@@ -1,9 +1,11 @@
 """Rollout memory preflight: estimate what one GPU holds during a TRB rollout, before training starts.
 
-During warmup the rollout holds both models' weights (gathered under ZeRO-3 unless told otherwise), both KV caches
-for the whole generation batch at full length, and each rank's share of the student's training state. The estimate
-is arithmetic on the configs, not a measurement: it is meant to catch the configurations that cannot fit and to show
-the numbers, not to predict peak memory to the byte.
+At the peak of a warmup rollout a GPU holds both models' weights (gathered under ZeRO-3 unless told otherwise), the
+student's and the teacher's KV caches for one `generate` chunk at full length (each chunk's caches are freed when its
+`generate` returns, so chunks never coexist), each rank's share of the student's training state, and, with a
+colocated vLLM engine that is not put to sleep, the memory vLLM reserved. The estimate is arithmetic on the configs,
+not a measurement: it is meant to catch the configurations that cannot fit and to show the numbers, not to predict
+peak memory to the byte.
 """
 
 from dataclasses import dataclass
@@ -36,13 +38,13 @@ class RolloutMemoryEstimate:
     training_state: int
     student_kv_cache: int
     teacher_kv_cache: int
+    vllm_reserved: int
     lines: list[str]
 
     @property
     def total(self) -> int:
-        return (
-            self.student_weights + self.teacher_weights + self.training_state + self.student_kv_cache
-        ) + self.teacher_kv_cache
+        held = self.student_weights + self.teacher_weights + self.training_state + self.vllm_reserved
+        return held + self.student_kv_cache + self.teacher_kv_cache
 
     def explain(self, device_bytes: int | None = None) -> str:
         text = "\n".join(f"  {line}" for line in self.lines)
@@ -65,8 +67,11 @@ def estimate_rollout_memory(
     zero_stage: int,
     gather_student: bool,
     gather_teacher: bool,
+    vllm_reserved_fraction: float = 0.0,
+    device_bytes: int = 0,
 ) -> RolloutMemoryEstimate:
-    """Estimate per-GPU memory of a TRB rollout of `num_sequences` sequences of up to `sequence_length` tokens."""
+    """Estimate per-GPU memory of a TRB rollout whose `generate` chunks hold `num_sequences` sequences of up to
+    `sequence_length` tokens. `vllm_reserved_fraction` of `device_bytes` is held by a colocated vLLM engine."""
     shards = max(world_size, 1)
     student_full = student_params * dtype_bytes
     teacher_full = teacher_params * dtype_bytes
@@ -86,16 +91,19 @@ def estimate_rollout_memory(
     student_kv = kv_cache_bytes(student_config, num_sequences, sequence_length, dtype_bytes)
     teacher_kv = kv_cache_bytes(teacher_config, num_sequences, sequence_length, dtype_bytes)
     gathered = "gathered" if zero_stage != 3 or gather_teacher else f"1/{shards} shard"
+    vllm = int(vllm_reserved_fraction * device_bytes)
     rows = [
         (f"student weights {student_params / 1e9:.2f}B x {dtype_bytes} B", student_weights),
         (f"teacher weights {teacher_params / 1e9:.2f}B x {dtype_bytes} B ({gathered})", teacher_weights),
         (f"student training state ({TRAINING_BYTES_PER_PARAM} B/param, rank share)", training),
-        ("student KV cache", student_kv),
-        ("teacher KV cache", teacher_kv),
+        ("student KV cache (one generate chunk)", student_kv),
+        ("teacher KV cache (one generate chunk)", teacher_kv),
     ]
+    if vllm:
+        rows.append((f"colocated vLLM engine ({vllm_reserved_fraction:.0%} of the device, awake)", vllm))
     lines = [f"layout: {layout}; {num_sequences} sequences x {sequence_length} tokens, {dtype_bytes}-byte dtype"]
     lines += [f"{label:<52}{value / GIB:8.1f} GiB" for label, value in rows]
-    return RolloutMemoryEstimate(student_weights, teacher_weights, training, student_kv, teacher_kv, lines)
+    return RolloutMemoryEstimate(student_weights, teacher_weights, training, student_kv, teacher_kv, vllm, lines)
 
 
 def check_rollout_memory(estimate: RolloutMemoryEstimate, device_bytes: int, mode: str = "error") -> str | None:
@@ -105,7 +113,8 @@ def check_rollout_memory(estimate: RolloutMemoryEstimate, device_bytes: int, mod
     advice = (
         "Lower `trb_generation_batch_size` (generate the warmup rollouts in smaller chunks), "
         "`max_completion_length` or `per_device_train_batch_size`, set `trb_gather_teacher_for_generation=False` "
-        "(slower: the teacher is gathered layer by layer at every step), or use more GPUs."
+        "(slower: the teacher is gathered layer by layer at every step), put a colocated vLLM engine to sleep "
+        "outside its own generation (`vllm_enable_sleep_mode=True`), or use more GPUs."
     )
     if estimate.total > device_bytes and mode == "error":
         raise ValueError(

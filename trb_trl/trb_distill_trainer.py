@@ -1,14 +1,19 @@
 import contextlib
+import functools
+import os
 import textwrap
 
 import torch
 from transformers import LogitsProcessorList
 from transformers.utils import logging
 
-from ._compat import DistillationTrainer
-from .logits_processor import TrustRegionBlendingProcessor, _as_id_list, output_vocab_size
+from ._compat import DistillationTrainer, divergence_function_replaced
+from .logits_processor import TrustRegionBlendingProcessor, output_vocab_size
+from .losses.stop_aligned_divergence import stop_aligned_divergence_loss
 from .memory_preflight import check_rollout_memory, count_parameters, estimate_rollout_memory
+from .rollout_statistics import RolloutStatistics
 from .schedules import kl_budget
+from .stop_alignment import StopAlignment, as_id_list
 from .trb_distill_config import TRBDistillConfig
 from .zero3 import gathered_without_hooks
 
@@ -16,8 +21,20 @@ from .zero3 import gathered_without_hooks
 logger = logging.get_logger(__name__)
 # The preflight cannot know prompt lengths before data is read; it assumes this many prompt tokens per sequence.
 ASSUMED_PROMPT_TOKENS = 1024
-# How many beta values each process contributes to the W&B histogram per rollout.
+# How many beta values each process contributes to the W&B histogram per logged step.
 _HISTOGRAM_SAMPLES_PER_PROCESS = 4096
+
+
+def _put_wandb_runs_under(output_dir: str) -> None:
+    """Point W&B's run directory at `output_dir` (the W&B callback reads `WANDB_DIR`), unless the user set it."""
+    global _wandb_dir_we_set
+    if os.environ.get("WANDB_DIR") not in (None, _wandb_dir_we_set):
+        return
+    os.makedirs(output_dir, exist_ok=True)
+    _wandb_dir_we_set = os.environ["WANDB_DIR"] = os.path.abspath(output_dir)
+
+
+_wandb_dir_we_set: str | None = None
 
 
 class TRBDistillTrainer(DistillationTrainer):
@@ -29,12 +46,17 @@ class TRBDistillTrainer(DistillationTrainer):
     KL(mu || pi_S) <= epsilon_k, through a [`TrustRegionBlendingProcessor`] that runs the teacher next to the student
     inside `generate`. epsilon_k follows `trb_schedule` from `state.global_step`, so every micro-batch of one
     gradient-accumulation cycle shares it and a resumed run continues the schedule. When epsilon_k = 0, and in
-    evaluation, the parent's rollout runs verbatim (including its vLLM path). The loss, data pipeline, PEFT, tools,
+    evaluation, the parent's rollout runs verbatim (including its vLLM path). The data pipeline, PEFT, tools,
     logging and saving are the parent's.
 
-    Logged per step (averaged over processes): `trb/epsilon`, `trb/beta/{mean,min,max}`, `trb/teacher_fraction`,
-    `trb/kl_to_student/{mean,max}`, `trb/kl_to_teacher/mean`, `trb/rollout_teacher_seconds`, and a W&B histogram of
-    beta when W&B is on.
+    Stop tokens: when the teacher stops on ids the student does not (an instruct teacher's `<|im_end|>`, a Base
+    student's `<|endoftext|>`), both the rollout and the loss see one "stop" event: the teacher's stop mass is moved
+    onto the student's stop id before blending, and both models' stop mass is merged the same way before the
+    divergence (at every epsilon, 0 included). When the two share their stop ids, the loss is the parent's, exactly.
+
+    Logged per step (reduced over processes once per log): `trb/epsilon`, `trb/beta/{mean,min,max}`,
+    `trb/teacher_fraction`, `trb/kl_to_student/{mean,max}`, `trb/kl_to_teacher/mean`, `trb/teacher_invalid_fraction`,
+    `trb/rollout_teacher_seconds`, and a W&B histogram of beta (sampled on every process) when W&B is on.
     """
 
     _tag_names = ["trl", "trb-distill"]
@@ -58,9 +80,17 @@ class TRBDistillTrainer(DistillationTrainer):
             args = TRBDistillConfig(f"{str(name).split('/')[-1]}-TRB-Distillation")
         if not isinstance(args, TRBDistillConfig):
             raise TypeError(f"TRBDistillTrainer needs a TRBDistillConfig, got {type(args).__name__}.")
+        report_to_wandb = "wandb" in (args.report_to or [])
+        if report_to_wandb:
+            _put_wandb_runs_under(args.output_dir)
         super().__init__(model, teacher_model, args, *pargs, **kwargs)
         if self.teacher_model is None and args.trb_epsilon > 0:
             raise ValueError("trb_epsilon > 0 needs a local teacher model to blend with; pass `teacher_model`.")
+        if self._is_vlm and args.trb_epsilon > 0:
+            raise ValueError(
+                "trb_epsilon > 0 does not support vision-language models yet: the teacher's forward inside `generate` "
+                "does not receive the images. Set trb_epsilon=0 (plain on-policy distillation)."
+            )
         self._trb_vocab_size = len(self._tokenizer)
         if self.teacher_model is not None:
             teacher = self.accelerator.unwrap_model(self.teacher_model)
@@ -70,9 +100,18 @@ class TRBDistillTrainer(DistillationTrainer):
                         f"The tokenizer has {self._trb_vocab_size} tokens but the {role} only scores "
                         f"{output_vocab_size(net)}: student and teacher must share the student's tokenizer."
                     )
-            self._trb_teacher_eos_token_ids = _as_id_list(teacher.generation_config.eos_token_id)
-        self._trb_processors: list[TrustRegionBlendingProcessor] = []
-        self._trb_beta_samples: list[torch.Tensor] = []
+            self._trb_teacher_eos_token_ids = as_id_list(teacher.generation_config.eos_token_id)
+        # One stop event in rollouts and loss; None when the two models already stop on the same ids.
+        self._trb_stop_alignment = (
+            StopAlignment.between(self.eos_token_ids, self._trb_teacher_eos_token_ids)
+            if self.teacher_model is not None
+            else None
+        )
+        self._trb_statistics = RolloutStatistics(
+            self.accelerator.device,
+            histogram_samples=_HISTOGRAM_SAMPLES_PER_PROCESS if report_to_wandb else 0,
+            seed=args.seed,
+        )
         if args.trb_epsilon > 0 and self.accelerator.device.type == "cuda":
             self._check_rollout_memory()
 
@@ -81,6 +120,7 @@ class TRBDistillTrainer(DistillationTrainer):
         student = self.accelerator.unwrap_model(self.model)
         teacher = self.accelerator.unwrap_model(self.teacher_model)
         generation_batch = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
+        device_bytes = torch.cuda.get_device_properties(self.accelerator.device).total_memory
         estimate = estimate_rollout_memory(
             student_config=student.config,
             teacher_config=teacher.config,
@@ -93,11 +133,19 @@ class TRBDistillTrainer(DistillationTrainer):
             zero_stage=self._dist.zero_stage,
             gather_student=self.args.ds3_gather_for_generation,
             gather_teacher=self.args.trb_gather_teacher_for_generation,
+            vllm_reserved_fraction=self._vllm_reserved_fraction(),
+            device_bytes=device_bytes,
         )
-        device_bytes = torch.cuda.get_device_properties(self.accelerator.device).total_memory
         warning = check_rollout_memory(estimate, device_bytes, self.args.trb_memory_preflight)
         if warning:
             logger.warning(warning)
+
+    def _vllm_reserved_fraction(self) -> float:
+        """Device memory a colocated vLLM engine keeps through the HF warmup rollouts (none while asleep)."""
+        args = self.args
+        if not args.use_vllm or args.vllm_mode != "colocate" or args.vllm_enable_sleep_mode:
+            return 0.0
+        return float(args.vllm_gpu_memory_utilization)
 
     def trb_epsilon_at(self, step: int) -> float:
         """The KL budget epsilon_k of the rollout made at optimizer step `step`."""
@@ -119,8 +167,14 @@ class TRBDistillTrainer(DistillationTrainer):
                 completion_ids += super()._generate_single_turn(
                     prompt_ids[start : start + chunk], images, multimodal_fields, has_tool_images
                 )
-        self._log_rollout_statistics()
         return completion_ids
+
+    def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
+        if self._trb_stop_alignment is None:
+            return super()._compute_loss(unwrapped_student, inputs, num_items_in_batch)
+        aligned = functools.partial(stop_aligned_divergence_loss, alignment=self._trb_stop_alignment)
+        with divergence_function_replaced(aligned):
+            return super()._compute_loss(unwrapped_student, inputs, num_items_in_batch)
 
     @contextlib.contextmanager
     def _trust_region_rollout(self, epsilon: float):
@@ -147,15 +201,20 @@ class TRBDistillTrainer(DistillationTrainer):
                         student_eos_token_id=self.eos_token_ids,
                         teacher_eos_token_id=self._trb_teacher_eos_token_ids,
                     )
-                    self._trb_processors.append(processor)
                     processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
                     processors.append(processor)
                     if step_with_student:
                         processor.attach_to_student(hook_target)
                     try:
-                        return original_generate(*args, logits_processor=processors, **kwargs)
+                        sequences = original_generate(*args, logits_processor=processors, **kwargs)
                     finally:
-                        processor.detach()
+                        processor.release()  # this chunk's teacher KV cache goes now, not at the end of the rollout
+                    self._trb_statistics.add(
+                        processor.statistics(),
+                        teacher_seconds=processor.teacher_seconds,
+                        step=self.state.global_step,
+                    )
+                    return sequences
 
                 student.generate = generate_with_trust_region
                 yield
@@ -166,56 +225,22 @@ class TRBDistillTrainer(DistillationTrainer):
                 student.generate = shadowed
             self.use_vllm = use_vllm
 
-    def _log_rollout_statistics(self) -> None:
-        """Reduce this rollout's per-token statistics over processes into the parent's metric store."""
-        processors, self._trb_processors = self._trb_processors, []
-        device = self.accelerator.device
-        stats = [p.statistics() for p in processors]
-        beta = torch.cat([s["beta"] for s in stats]).to(device)
-        kl_student = torch.cat([s["kl_to_student"] for s in stats]).to(device)
-        kl_teacher = torch.cat([s["kl_to_teacher"] for s in stats]).to(device)
-        teacher_seconds = sum(p.teacher_seconds for p in processors)
-        count = beta.numel()
-        inf = torch.tensor(float("inf"), device=device)
-        local = torch.stack(
-            [
-                torch.tensor(float(count), device=device),
-                beta.sum(),
-                beta.min() if count else inf,
-                beta.max() if count else -inf,
-                (beta >= 1.0).float().sum(),
-                kl_student.sum(),
-                kl_student.max() if count else -inf,
-                kl_teacher.sum(),
-                torch.tensor(teacher_seconds, device=device),
-            ]
-        )
-        gathered = self.accelerator.gather(local[None]).view(-1, local.numel())
-        total = gathered[:, 0].sum().item()
-        metrics = self._metrics["train"]
-        metrics["trb/rollout_teacher_seconds"].append(gathered[:, 8].mean().item())
-        if total == 0:
-            return
-        metrics["trb/beta/mean"].append(gathered[:, 1].sum().item() / total)
-        metrics["trb/beta/min"].append(gathered[:, 2].min().item())
-        metrics["trb/beta/max"].append(gathered[:, 3].max().item())
-        metrics["trb/teacher_fraction"].append(gathered[:, 4].sum().item() / total)
-        metrics["trb/kl_to_student/mean"].append(gathered[:, 5].sum().item() / total)
-        metrics["trb/kl_to_student/max"].append(gathered[:, 6].max().item())
-        metrics["trb/kl_to_teacher/mean"].append(gathered[:, 7].sum().item() / total)
-        if self._wandb_enabled() and count:
-            keep = torch.randperm(count, device=beta.device)[:_HISTOGRAM_SAMPLES_PER_PROCESS]
-            self._trb_beta_samples.append(beta[keep].cpu())
-
-    def _wandb_enabled(self) -> bool:
-        return bool(self.args.report_to) and "wandb" in self.args.report_to and self.accelerator.is_main_process
-
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if self._trb_beta_samples:
-            import wandb
+        # Every process logs at the same steps, so this is where the rollout statistics meet: one gather per log,
+        # however many rollouts each process ran since the last one.
+        if self.model.training and self._trb_statistics.pending:
+            metrics, beta_sample = self._trb_statistics.reduce(self.accelerator.gather)
+            for name, value in metrics.items():
+                self._metrics["train"][name].append(value)
+            invalid = metrics.get("trb/teacher_invalid_fraction", 0.0)
+            if invalid > 0 and self.accelerator.is_main_process:
+                logger.warning(
+                    f"{100 * invalid:.3g}% of rollout tokens had invalid teacher logits (NaN, or no finite mass on the "
+                    "allowed tokens) and were drawn from the student. Check the teacher's dtype and weights."
+                )
+            if beta_sample is not None and beta_sample.numel() and self.accelerator.is_main_process:
+                import wandb
 
-            samples, self._trb_beta_samples = torch.cat(self._trb_beta_samples), []
-            if wandb.run is not None:
-                # Merged into the row the parent's W&B callback commits next.
-                wandb.log({"train/trb/beta_histogram": wandb.Histogram(samples.numpy())}, commit=False)
+                if wandb.run is not None:  # merged into the row the parent's W&B callback commits next
+                    wandb.log({"train/trb/beta_histogram": wandb.Histogram(beta_sample.numpy())}, commit=False)
         super().log(logs, start_time)

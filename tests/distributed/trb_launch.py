@@ -25,6 +25,11 @@ def parse_args():
     parser.add_argument("--hang-timeout", type=float, default=240)
     parser.add_argument("--max-steps", type=int, default=3)
     parser.add_argument(
+        "--extra-rollout-on-rank0",
+        action="store_true",
+        help="Rank 0 runs the rollout hook twice per generation (as TRL's tool loop does on a rank with tool calls).",
+    )
+    parser.add_argument(
         "--naive-teacher-step",
         action="store_true",
         help="Negative control: step a sharded teacher from the logits processor (the design that deadlocks).",
@@ -70,28 +75,37 @@ def main():
     )
 
     local_rollouts = []
-
-    class RecordingTrainer(TRBDistillTrainer):
-        def _log_rollout_statistics(self):
-            stats = [p.statistics() for p in self._trb_processors]
-            beta = torch.cat([s["beta"] for s in stats])
-            local_rollouts.append(
-                {
-                    "step": self.state.global_step,
-                    "tokens": int(beta.numel()),
-                    "beta_sum": float(beta.sum()),
-                    "teacher_forwards": sum(p.teacher_forwards for p in self._trb_processors),
-                }
-            )
-            super()._log_rollout_statistics()
-
-    trainer = RecordingTrainer(
+    trainer = TRBDistillTrainer(
         model=str(models / "student"),
         teacher_model=str(models / "teacher"),
         args=config,
         train_dataset=prompts,
         processing_class=tokenizer,
     )
+
+    # Record what each `generate` call contributes on this rank, as the trainer folds it into its statistics.
+    original_add = trainer._trb_statistics.add
+    original_statistics = TrustRegionBlendingProcessor.statistics
+    forwards = {}
+
+    def record_forwards(self, *a, **k):
+        forwards["last"] = self.teacher_forwards
+        return original_statistics(self, *a, **k)
+
+    def record_add(statistics, *, teacher_seconds, step):
+        beta = statistics["beta"]
+        local_rollouts.append(
+            {
+                "step": step,
+                "tokens": int(beta.numel()),
+                "beta_sum": float(beta.sum()),
+                "teacher_forwards": forwards.get("last", 0),
+            }
+        )
+        return original_add(statistics, teacher_seconds=teacher_seconds, step=step)
+
+    TrustRegionBlendingProcessor.statistics = record_forwards
+    trainer._trb_statistics.add = record_add
 
     faulthandler.dump_traceback_later(args.hang_timeout, exit=True)
     # A greedy TRB rollout of fixed, rank-specific prompts before training, for comparison with a single process. It
@@ -102,6 +116,7 @@ def main():
     greedy_completions = trainer._generate_single_turn(greedy_prompts, None, {})
     trainer.generation_config.do_sample = True
     trainer._metrics["train"].clear()
+    trainer._trb_statistics.reset()
     local_rollouts.clear()
 
     eos = tokenizer.eos_token_id
@@ -129,6 +144,8 @@ def main():
     original = trainer._generate_single_turn
 
     def record_lengths(*a, **k):
+        if args.extra_rollout_on_rank0 and rank == 0:
+            original(*a, **k)  # a second round on this rank only, its result dropped (a tool round would use it)
         completion_ids = original(*a, **k)
         lengths.append([len(c) for c in completion_ids])
         return completion_ids

@@ -1,0 +1,229 @@
+"""TRL's distillation divergence with the two models' stop tokens merged into one event.
+
+`trl.DistillationTrainer` computes a generalized JSD between student and teacher from their hidden states and
+`lm_head`s, tile by tile, without materialising `(tokens, V)` logits. That kernel compares the distributions id by
+id, so when an instruct teacher stops on `<|im_end|>` and a Base student on `<|endoftext|>`, the student is taught a
+stop token that its generation does not stop on. This module computes the same divergence (same `beta`, temperature,
+logit scale and soft-capping conventions, same reduction) after [`StopAlignment`] has merged each model's stop mass
+onto the student's stop id, as the TRB paper does.
+
+Memory is O(chunk x V) in both passes: the forward keeps only per-token scalars, and the backward recomputes each
+chunk's logits (under ZeRO-3 with the `lm_head` gathered again) and differentiates that chunk alone.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..stop_alignment import StopAlignment
+
+
+# Logit given to merged stop ids in the loss: exactly zero probability in float32 while every log-prob stays finite,
+# so no 0 * inf appears in the divergence or its gradient.
+_MERGED_LOGIT = -1.0e30
+# Elements of one (tokens x vocab) float32 tile: ~128 MiB, about 220 tokens at V = 151,936.
+_TILE_ELEMENTS = 2**25
+
+
+@dataclass(frozen=True)
+class DivergenceSpec:
+    """How both models' logits are formed and compared (the arguments of TRL's `_chunked_divergence_loss`)."""
+
+    alignment: StopAlignment
+    beta: float
+    temperature: float = 1.0
+    student_logit_scale: float = 1.0
+    teacher_logit_scale: float = 1.0
+    student_softcap: float | None = None
+    teacher_softcap: float | None = None
+
+
+def per_token_divergence(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, beta: float) -> torch.Tensor:
+    """TRL's generalized JSD per position, summed over the last dimension.
+
+    `beta = 0` is the forward KL(teacher || student), `beta = 1` the reverse KL(student || teacher), anything between
+    the generalized JSD with mixture `(1 - beta) p_S + beta p_T`.
+    """
+    if beta == 0.0:
+        return (teacher_logprobs.exp() * (teacher_logprobs - student_logprobs)).sum(-1)
+    if beta == 1.0:
+        return (student_logprobs.exp() * (student_logprobs - teacher_logprobs)).sum(-1)
+    log_mixture = torch.logaddexp(student_logprobs + math.log(1 - beta), teacher_logprobs + math.log(beta))
+    teacher_term = (teacher_logprobs.exp() * (teacher_logprobs - log_mixture)).sum(-1)
+    student_term = (student_logprobs.exp() * (student_logprobs - log_mixture)).sum(-1)
+    return beta * teacher_term + (1 - beta) * student_term
+
+
+def _project(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`hidden @ weight.T + bias` with float32 output, without rounding low-precision logits first."""
+    if weight.dtype == torch.float32:
+        logits = hidden.float() @ weight.t()
+    elif hidden.is_cuda:
+        logits = torch.mm(hidden.to(weight.dtype), weight.t(), out_dtype=torch.float32)
+    else:  # CPU low precision: upcast one vocabulary slice of the weight at a time
+        step = max(1, _TILE_ELEMENTS // max(1, weight.shape[1]))
+        logits = torch.cat([hidden.float() @ weight[i : i + step].float().t() for i in range(0, len(weight), step)], 1)
+    return logits if bias is None else logits + bias.float()
+
+
+def _transform(logits: torch.Tensor, scale: float, softcap: float | None, temperature: float) -> torch.Tensor:
+    logits = logits * scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits / temperature
+
+
+def _teacher_logits(hidden, weight, bias, vocab_size: int, spec: "DivergenceSpec") -> torch.Tensor:
+    """The teacher's transformed logits over the student's `vocab_size` rows (extra padded rows are cut)."""
+    bias = None if bias is None else bias[:vocab_size]
+    logits = _project(hidden, weight[:vocab_size], bias)
+    return _transform(logits, spec.teacher_logit_scale, spec.teacher_softcap, spec.temperature)
+
+
+def _aligned_logprobs(logits: torch.Tensor, alignment: StopAlignment) -> torch.Tensor:
+    return torch.log_softmax(alignment.apply(logits, fill=_MERGED_LOGIT), dim=-1)
+
+
+def _chunks(num_tokens: int, vocab_size: int):
+    size = max(1, _TILE_ELEMENTS // max(1, vocab_size))
+    return [slice(start, min(start + size, num_tokens)) for start in range(0, num_tokens, size)]
+
+
+class _StopAlignedDivergence(torch.autograd.Function):
+    """Per-token stop-aligned divergence and student entropy from hidden states; gradients reach the student only."""
+
+    @staticmethod
+    def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, spec):
+        from .._compat import maybe_gather_lm_head_ctx
+
+        num_tokens = student_hidden.shape[0]
+        divergence = student_hidden.new_zeros(num_tokens, dtype=torch.float32)
+        entropy = torch.zeros_like(divergence)
+        with maybe_gather_lm_head_ctx(student_weight, student_bias), maybe_gather_lm_head_ctx(teacher_weight):
+            vocab = student_weight.shape[0]
+            for rows in _chunks(num_tokens, vocab):
+                student = _transform(
+                    _project(student_hidden[rows], student_weight, student_bias),
+                    spec.student_logit_scale,
+                    spec.student_softcap,
+                    spec.temperature,
+                )
+                teacher = _teacher_logits(teacher_hidden[rows], teacher_weight, teacher_bias, vocab, spec)
+                student_logprobs = _aligned_logprobs(student, spec.alignment)
+                teacher_logprobs = _aligned_logprobs(teacher, spec.alignment)
+                divergence[rows] = per_token_divergence(student_logprobs, teacher_logprobs, spec.beta)
+                entropy[rows] = -(student_logprobs.exp() * student_logprobs).sum(-1)
+        ctx.save_for_backward(
+            student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias
+        )
+        ctx.spec = spec
+        ctx.mark_non_differentiable(entropy)
+        return divergence, entropy
+
+    @staticmethod
+    def backward(ctx, grad_divergence, _grad_entropy):
+        from .._compat import maybe_gather_lm_head_ctx
+
+        student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias = ctx.saved_tensors
+        spec = ctx.spec
+        needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+        grad_hidden = grad_weight = grad_bias = None
+        if grad_divergence is None:
+            return (None,) * 7
+        with maybe_gather_lm_head_ctx(student_weight, student_bias), maybe_gather_lm_head_ctx(teacher_weight):
+            vocab = student_weight.shape[0]
+            if needs_hidden:
+                grad_hidden = torch.zeros(student_hidden.shape, device=student_hidden.device, dtype=torch.float32)
+            if needs_weight:
+                grad_weight = torch.zeros(student_weight.shape, device=student_weight.device, dtype=torch.float32)
+            if needs_bias:
+                grad_bias = torch.zeros(student_bias.shape, device=student_bias.device, dtype=torch.float32)
+            for rows in _chunks(student_hidden.shape[0], vocab):
+                with torch.no_grad():
+                    teacher = _teacher_logits(teacher_hidden[rows], teacher_weight, teacher_bias, vocab, spec)
+                    teacher_logprobs = _aligned_logprobs(teacher, spec.alignment)
+                    projected = _project(student_hidden[rows], student_weight, student_bias)
+                projected.requires_grad_(True)
+                with torch.enable_grad():
+                    student = _transform(projected, spec.student_logit_scale, spec.student_softcap, spec.temperature)
+                    divergence = per_token_divergence(
+                        _aligned_logprobs(student, spec.alignment), teacher_logprobs, spec.beta
+                    )
+                    (grad_logits,) = torch.autograd.grad(divergence, projected, grad_divergence[rows].float())
+                hidden = student_hidden[rows]
+                if grad_hidden is not None:
+                    grad_hidden[rows] = grad_logits.to(student_weight.dtype).matmul(student_weight).float()
+                if grad_weight is not None:
+                    grad_weight.addmm_(grad_logits.t(), hidden.float())
+                if grad_bias is not None:
+                    grad_bias += grad_logits.sum(0)
+        return (
+            None if grad_hidden is None else grad_hidden.to(student_hidden.dtype),
+            None if grad_weight is None else grad_weight.to(student_weight.dtype),
+            None if grad_bias is None else grad_bias.to(student_bias.dtype),
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def stop_aligned_divergence_loss(
+    student_hidden_states: torch.Tensor,
+    teacher_hidden_states: torch.Tensor,
+    student_lm_head_weight: torch.Tensor,
+    teacher_lm_head_weight: torch.Tensor,
+    completion_mask: torch.Tensor,
+    beta: float,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    student_lm_head_bias: torch.Tensor | None = None,
+    teacher_lm_head_bias: torch.Tensor | None = None,
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
+    student_final_logit_softcapping: float | None = None,
+    teacher_final_logit_softcapping: float | None = None,
+    temperature: float = 1.0,
+    *,
+    alignment: StopAlignment,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Drop-in for TRL's `_chunked_divergence_loss` (same arguments, same `(loss, entropy_sum, num_valid)` result and
+    reduction) that compares the stop-aligned distributions. See the module docstring."""
+    if isinstance(student_lm_head_weight, torch.distributed.tensor.DTensor):  # FSDP2: gather once, as TRL does
+        student_lm_head_weight = student_lm_head_weight.full_tensor().to(student_hidden_states.dtype)
+        if student_lm_head_bias is not None:
+            student_lm_head_bias = student_lm_head_bias.full_tensor()
+    if isinstance(teacher_lm_head_weight, torch.distributed.tensor.DTensor):
+        teacher_lm_head_weight = teacher_lm_head_weight.full_tensor().to(teacher_hidden_states.dtype)
+        if teacher_lm_head_bias is not None:
+            teacher_lm_head_bias = teacher_lm_head_bias.full_tensor()
+    spec = DivergenceSpec(
+        alignment=alignment,
+        beta=float(beta),
+        temperature=float(temperature),
+        student_logit_scale=float(student_logit_scale),
+        teacher_logit_scale=float(teacher_logit_scale),
+        student_softcap=student_final_logit_softcapping,
+        teacher_softcap=teacher_final_logit_softcapping,
+    )
+    valid = completion_mask.reshape(-1) != 0
+    num_valid = valid.sum()
+    student_hidden = student_hidden_states.reshape(-1, student_hidden_states.size(-1))[valid]
+    teacher_hidden = teacher_hidden_states.reshape(-1, teacher_hidden_states.size(-1))[valid]
+    divergence, entropy = _StopAlignedDivergence.apply(
+        student_hidden,
+        student_lm_head_weight,
+        student_lm_head_bias,
+        teacher_hidden,
+        teacher_lm_head_weight,
+        teacher_lm_head_bias,
+        spec,
+    )
+    loss = divergence.sum()
+    if num_items_in_batch is None:
+        loss = loss / num_valid.clamp(min=1)
+    else:
+        if isinstance(num_items_in_batch, torch.Tensor):
+            num_items_in_batch = num_items_in_batch.to(loss.device)
+        loss = loss / num_items_in_batch
+    return loss, entropy.sum(), num_valid

@@ -1,0 +1,68 @@
+"""One "stop" event for a student and a teacher that stop on different token ids.
+
+A Qwen3-Base student stops on `<|endoftext|>` (151643), an instruct teacher on `<|im_end|>` (151645). Compared id by
+id, the teacher's wish to stop lands on a token the student's generation does not stop on, so a student trained
+toward it learns to emit `<|im_end|>` and keeps going. The TRB paper (§1.4 of the reference notes) moves each model's
+stop mass onto one shared coordinate before building the behaviour policy *and* before computing the KL, and masks the
+duplicate. [`StopAlignment`] is that map; the rollout processor and the loss both use it.
+
+Pure tensor code: no transformers imports.
+"""
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+
+def as_id_list(token_ids: int | Iterable[int] | torch.Tensor | None) -> list[int]:
+    """Normalise a stop-id setting (None, an int, a list or a tensor) to a list of ints."""
+    if token_ids is None:
+        return []
+    if isinstance(token_ids, torch.Tensor):
+        return [int(t) for t in token_ids.flatten().tolist()]
+    if isinstance(token_ids, int):
+        return [token_ids]
+    return [int(t) for t in token_ids]
+
+
+@dataclass(frozen=True)
+class StopAlignment:
+    """Merge the probability mass of `merged_ids` into `canonical_id`; the merged ids get none.
+
+    Args:
+        canonical_id (`int`):
+            The student's stop id: the one coordinate that means "stop" after alignment.
+        merged_ids (`tuple[int, ...]`):
+            The teacher's stop ids that the student does not stop on.
+    """
+
+    canonical_id: int
+    merged_ids: tuple[int, ...]
+
+    @classmethod
+    def between(cls, student_stop_ids, teacher_stop_ids) -> "StopAlignment | None":
+        """The alignment for a student and teacher with these stop ids, or `None` when no teacher stop id is
+        foreign to the student (nothing to map: the distributions are compared as they are)."""
+        student_ids, teacher_ids = as_id_list(student_stop_ids), as_id_list(teacher_stop_ids)
+        foreign = tuple(t for t in teacher_ids if t not in student_ids)
+        if not foreign:
+            return None
+        if not student_ids:
+            raise ValueError(
+                f"The teacher stops on token ids {list(foreign)} but no student stop id is known; pass the student's "
+                "stop id (its `eos_token_id`) so that the teacher's stop mass can be mapped onto it."
+            )
+        return cls(student_ids[0], foreign)
+
+    def apply(self, logits: torch.Tensor, *, fill: float = float("-inf")) -> torch.Tensor:
+        """Return logits (..., V) whose softmax has the stop mass on `canonical_id` and `fill` at the merged ids.
+
+        Only the last dimension is touched, out of place. `fill=-inf` removes the merged ids from the support; a
+        finite, very negative `fill` gives them exactly zero probability in float32 while keeping every log-prob
+        finite (what a divergence with gradients needs: no `0 * inf`).
+        """
+        ids = torch.tensor([self.canonical_id, *self.merged_ids], device=logits.device)
+        merged_logit = torch.logsumexp(logits.index_select(-1, ids), dim=-1)
+        aligned = logits.index_fill(-1, ids[1:], fill)
+        return aligned.index_copy(-1, ids[:1], merged_logit.unsqueeze(-1))
