@@ -63,3 +63,35 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def qwen3_pair(tmp_path_factory):
+    """Qwen3's real tokenizer (151,646 tokens) with a tiny random student and teacher whose lm_heads have Qwen3's
+    151,936 rows: the student stops on `<|endoftext|>` (Base), the teacher on `<|im_end|>` then `<|endoftext|>`
+    (instruct). `paths` holds the three saved to disk, for trainers that load them."""
+    import shutil
+    from types import SimpleNamespace
+
+    from trb_trl.tiny_models import QWEN3_ENDOFTEXT_ID, QWEN3_IM_END_ID, QWEN3_LM_HEAD_ROWS, build_qwen3_tokenizer
+
+    tokenizer = build_qwen3_tokenizer()
+    pad = tokenizer.pad_token_id
+    student = build_tiny_qwen3(
+        QWEN3_LM_HEAD_ROWS, hidden_size=32, num_layers=1, eos_token_id=QWEN3_ENDOFTEXT_ID, pad_token_id=pad, seed=11
+    )
+    teacher = build_tiny_qwen3(
+        QWEN3_LM_HEAD_ROWS,
+        hidden_size=32,
+        num_layers=2,
+        eos_token_id=[QWEN3_IM_END_ID, QWEN3_ENDOFTEXT_ID],
+        pad_token_id=pad,
+        seed=12,
+    )
+    output_dir = tmp_path_factory.mktemp("qwen3_pair")
+    paths = {name: str(output_dir / name) for name in ("tokenizer", "student", "teacher")}
+    tokenizer.save_pretrained(paths["tokenizer"])
+    for name, model in (("student", student), ("teacher", teacher)):
+        model.save_pretrained(paths[name])
+        shutil.copytree(paths["tokenizer"], paths[name], dirs_exist_ok=True)  # like a checkpoint; faster than saving
+    return SimpleNamespace(tokenizer=tokenizer, student=student, teacher=teacher, paths=paths)
