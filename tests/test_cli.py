@@ -294,6 +294,8 @@ def test_train_runs_the_tiny_cpu_recipe_with_overrides(tiny_models, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "'trb/epsilon': '0.05'" in result.stdout and "'trb/epsilon': '0.025'" in result.stdout
     assert (output_dir / "model.safetensors").is_file()
+    card = (output_dir / "README.md").read_text()  # the final model's card: the trainer and the TRB paper
+    assert "TRB Distill" in card and "2605.31159" in card
 
 
 @pytest.mark.slow

@@ -62,21 +62,27 @@ def test_sharded_teacher_holds_only_its_shard():
     assert sharded.teacher_weights == gathered.teacher_weights // 8
 
 
-def test_trainer_runs_the_preflight_with_its_own_numbers(tiny_pair_dir, tmp_path, monkeypatch):
-    import torch
+@pytest.fixture
+def tiny_trainer(tiny_pair_dir, tmp_path):
     from datasets import Dataset
     from transformers import AutoTokenizer
 
     from trb_trl import TRBDistillConfig, TRBDistillTrainer
 
     args = TRBDistillConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", max_steps=1)
-    trainer = TRBDistillTrainer(
+    return TRBDistillTrainer(
         model=tiny_pair_dir["student"],
         teacher_model=tiny_pair_dir["teacher"],
         args=args,
         train_dataset=Dataset.from_list([{"prompt": "w1 w2"}] * 8),
         processing_class=AutoTokenizer.from_pretrained(tiny_pair_dir["tokenizer"]),
     )
+
+
+def test_trainer_runs_the_preflight_with_its_own_numbers(tiny_trainer, monkeypatch):
+    import torch
+
+    trainer = tiny_trainer
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=2**20))
     with pytest.raises(ValueError, match="not to fit"):
         trainer._check_rollout_memory()
@@ -97,20 +103,8 @@ def test_a_colocated_vllm_engine_that_stays_awake_is_counted():
         check_rollout_memory(awake, 80 * GIB)
 
 
-def test_trainer_counts_vllm_only_when_colocated_and_awake(tiny_pair_dir, tmp_path):
-    from datasets import Dataset
-    from transformers import AutoTokenizer
-
-    from trb_trl import TRBDistillConfig, TRBDistillTrainer
-
-    args = TRBDistillConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", max_steps=1)
-    trainer = TRBDistillTrainer(
-        model=tiny_pair_dir["student"],
-        teacher_model=tiny_pair_dir["teacher"],
-        args=args,
-        train_dataset=Dataset.from_list([{"prompt": "w1 w2"}] * 8),
-        processing_class=AutoTokenizer.from_pretrained(tiny_pair_dir["tokenizer"]),
-    )
+def test_trainer_counts_vllm_only_when_colocated_and_awake(tiny_trainer):
+    trainer = tiny_trainer
     assert trainer._vllm_reserved_fraction() == 0.0
     trainer.args.use_vllm, trainer.args.vllm_mode, trainer.args.vllm_gpu_memory_utilization = True, "colocate", 0.4
     assert trainer._vllm_reserved_fraction() == 0.4

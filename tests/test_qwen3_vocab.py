@@ -6,9 +6,10 @@ from contextlib import contextmanager
 import pytest
 import torch
 from datasets import Dataset
+from tiny_config import tiny_run_args
 from transformers import AutoTokenizer, LogitsProcessor, LogitsProcessorList
 
-from trb_trl import TRBDistillConfig, TRBDistillTrainer, TrustRegionBlendingProcessor
+from trb_trl import TRBDistillTrainer, TrustRegionBlendingProcessor
 from trb_trl.tiny_models import QWEN3_ENDOFTEXT_ID, QWEN3_IM_END_ID, QWEN3_IM_START_ID, QWEN3_LM_HEAD_ROWS
 
 
@@ -169,22 +170,7 @@ def test_trainer_runs_with_the_qwen3_vocabulary(qwen3_pair, tmp_path):
     prompts = Dataset.from_list(
         [{"prompt": [{"role": "user", "content": f"What is {i} + {i + 1}?"}]} for i in range(8)]
     )
-    args = TRBDistillConfig(
-        output_dir=str(tmp_path / "out"),
-        max_steps=2,
-        per_device_train_batch_size=2,
-        max_completion_length=8,
-        learning_rate=1e-3,
-        logging_steps=1,
-        report_to="none",
-        use_cpu=True,
-        bf16=False,
-        save_strategy="no",
-        gradient_checkpointing=False,
-        seed=0,
-        trb_epsilon=EPSILON,
-        trb_warmup_steps=2,
-    )
+    args = tiny_run_args(tmp_path / "out", max_steps=2, per_device_train_batch_size=2, trb_epsilon=EPSILON)
     trainer = TRBDistillTrainer(
         model=qwen3_pair.paths["student"],
         teacher_model=qwen3_pair.paths["teacher"],

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Dataset
+from tiny_config import tiny_run_args
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trb_trl import TRBDistillConfig, TRBDistillTrainer, TrustRegionBlendingProcessor
@@ -33,24 +34,7 @@ def prompts():
 
 
 def _args(tmp_path, config_class=TRBDistillConfig, **kwargs):
-    defaults = dict(
-        output_dir=str(tmp_path / "out"),
-        max_steps=4,
-        per_device_train_batch_size=4,
-        max_completion_length=8,
-        learning_rate=1e-3,
-        logging_steps=1,
-        report_to="none",
-        use_cpu=True,
-        bf16=False,
-        save_strategy="no",
-        gradient_checkpointing=False,
-        seed=0,
-    )
-    if config_class is TRBDistillConfig:
-        defaults.update(trb_epsilon=0.05, trb_warmup_steps=2)
-    defaults.update(kwargs)
-    return config_class(**defaults)
+    return tiny_run_args(tmp_path / "out", config_class, **kwargs)
 
 
 def _trainer(tiny_pair_dir, args, prompts, trainer_class=TRBDistillTrainer):
@@ -136,15 +120,32 @@ def test_gradient_accumulation_shares_one_budget_per_optimizer_step(tiny_pair_di
     assert budgets == [(0, pytest.approx(0.05)), (1, pytest.approx(0.025))]
 
 
-def test_zero_epsilon_is_exactly_the_parent_trainer(tiny_pair_dir, prompts, tmp_path, processor_calls):
-    trb = _trainer(tiny_pair_dir, _args(tmp_path, max_steps=2, trb_epsilon=0.0), prompts)
-    trb.train()
-    parent = _trainer(
-        tiny_pair_dir, _args(tmp_path, DistillationConfig, max_steps=2), prompts, trainer_class=DistillationTrainer
-    )
-    parent.train()
+def test_zero_epsilon_is_exactly_the_parent_trainer_when_stop_ids_are_shared(
+    tokenizer, prompts, tmp_path, processor_calls
+):
+    def fresh_pair():  # student and teacher stopping on the same id: nothing to align, the loss is TRL's own
+        eos = tokenizer.eos_token_id
+        student = build_tiny_qwen3(len(tokenizer), hidden_size=32, eos_token_id=eos, seed=1)
+        return student, build_tiny_qwen3(len(tokenizer), hidden_size=48, num_layers=3, eos_token_id=eos, seed=2)
+
+    runs = []
+    for trainer_class, config_class, extra in (
+        (TRBDistillTrainer, TRBDistillConfig, {"trb_epsilon": 0.0}),
+        (DistillationTrainer, DistillationConfig, {}),
+    ):
+        student, teacher = fresh_pair()
+        trainer = trainer_class(
+            model=student,
+            teacher_model=teacher,
+            args=_args(tmp_path, config_class, max_steps=2, **extra),
+            train_dataset=prompts,
+            processing_class=tokenizer,
+        )
+        trainer.train()
+        runs.append(trainer)
+    assert runs[0]._trb_stop_alignment is None
     assert processor_calls == []
-    for (name, p), (_, q) in zip(trb.model.named_parameters(), parent.model.named_parameters(), strict=True):
+    for (name, p), (_, q) in zip(runs[0].model.named_parameters(), runs[1].model.named_parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
 
 
@@ -280,16 +281,6 @@ def test_opd_control_learns_to_stop_on_the_students_own_stop_id(
         assert mean_length < 8, lengths  # the teacher's stop rate (0.3 per token) now means "stop" to the student
     else:
         assert mean_length > 12, lengths  # taught <|im_end|>, which does not end its generation
-
-
-def test_shared_stop_ids_leave_the_parents_loss_untouched(tokenizer, prompts, tmp_path, processor_calls):
-    eos = tokenizer.eos_token_id
-    student = build_tiny_qwen3(len(tokenizer), hidden_size=32, eos_token_id=eos, seed=1)
-    teacher = build_tiny_qwen3(len(tokenizer), hidden_size=48, eos_token_id=eos, seed=2)
-    trainer = TRBDistillTrainer(
-        model=student, teacher_model=teacher, args=_args(tmp_path), train_dataset=prompts, processing_class=tokenizer
-    )
-    assert trainer._trb_stop_alignment is None
 
 
 def test_at_most_one_teacher_cache_is_alive_during_a_chunked_rollout(tiny_pair_dir, prompts, tmp_path, monkeypatch):

@@ -20,6 +20,7 @@ python scripts/make_tiny_models.py outputs/tiny && trb-trl train recipes/tiny_cp
 
 import argparse
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from trb_trl._compat import (
     DatasetMixtureConfig,
@@ -200,6 +201,8 @@ def main(script_args, training_args, model_args, dataset_args):
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
+    # The final model gets a card as every checkpoint does: base model = the student (its Hub id), the TRB paper.
+    trainer.create_model_card(model_name=Path(training_args.output_dir).name, dataset_name=script_args.dataset_name)
     trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
