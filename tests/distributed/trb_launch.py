@@ -46,7 +46,10 @@ def main():
     from datasets import Dataset
     from transformers import AutoTokenizer
 
-    from trb_trl import TRBDistillConfig, TRBDistillTrainer, TrustRegionBlendingProcessor
+    from trb_trl import TRBDistillTrainer, TrustRegionBlendingProcessor
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the tiny-run settings shared with them
+    from tiny_config import tiny_run_args
 
     if args.naive_teacher_step:
         TrustRegionBlendingProcessor.attach_to_student = lambda self, student: None
@@ -55,22 +58,12 @@ def main():
     models = Path(args.models)
     tokenizer = AutoTokenizer.from_pretrained(models / "tokenizer")
     prompts = Dataset.from_list([{"prompt": f"w{i} w{i + 1} w{i + 2} w{i % 7}"} for i in range(64)])
-    config = TRBDistillConfig(
-        output_dir=args.out,
-        trb_epsilon=0.05,
-        trb_warmup_steps=2,
+    config = tiny_run_args(
+        args.out,
         trb_gather_teacher_for_generation=args.gather_teacher == "true",
         max_steps=args.max_steps,
         per_device_train_batch_size=2,
         max_completion_length=12,
-        learning_rate=1e-3,
-        logging_steps=1,
-        report_to="none",
-        use_cpu=True,
-        bf16=False,
-        save_strategy="no",
-        gradient_checkpointing=False,
-        seed=0,
         shuffle_dataset=False,
     )
 
