@@ -99,21 +99,22 @@ def test_train_help_starts_with_the_recipe_and_launcher_keys_then_lists_the_trb_
 # --- splitting launcher and script arguments ----------------------------------------------------------------------
 
 
-def test_script_arguments_are_removed_by_position_not_by_value():
-    argv = ["--config", "r.yaml", "--num_processes", "1", "--per_device_train_batch_size", "1"]
-    assert cli.script_arguments(argv, ["--num_processes", "1"]) == [
-        "--config",
-        "r.yaml",
-        "--per_device_train_batch_size",
-        "1",
-    ]
-    argv = ["--per_device_train_batch_size", "1", "--num_processes", "1", "--max_steps", "1"]
-    assert cli.script_arguments(argv, ["--num_processes", "1"]) == [
-        "--per_device_train_batch_size",
-        "1",
-        "--max_steps",
-        "1",
-    ]
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (
+            ["--config", "r.yaml", "--num_processes", "1", "--per_device_train_batch_size", "1"],
+            ["--config", "r.yaml", "--per_device_train_batch_size", "1"],
+        ),
+        (
+            ["--per_device_train_batch_size", "1", "--num_processes", "1", "--max_steps", "1"],
+            ["--per_device_train_batch_size", "1", "--max_steps", "1"],
+        ),
+    ],
+)
+def test_script_arguments_are_removed_by_position_not_by_value(argv, expected):
+    """`--num_processes 1` goes to the launcher; script values equal to it (`1`) stay with the script."""
+    assert cli.script_arguments(argv, ["--num_processes", "1"]) == expected
 
 
 def test_train_keeps_script_values_equal_to_launcher_values():
