@@ -1,4 +1,4 @@
-"""Rollout cost of TRB: student-only, teacher-only, TRB and epsilon = 0 `generate`, on identical prompts.
+"""Rollout cost of TRB: student-only, teacher-only, TRB, epsilon = 0 and speculative TRB, on identical prompts.
 
 Usage (from the repository root; drop `PYTHONPATH=.` once the package is installed with `pip install -e .`):
 
@@ -14,6 +14,9 @@ PYTHONPATH=. python scripts/bench_rollout.py --device cuda --shapes qwen3 --stri
 
 # No timing: bytes read per decoding step and KV-cache sizes of the Qwen3 pair for the 1.7B <- 8B recipe (instant)
 PYTHONPATH=. python scripts/bench_rollout.py --arithmetic --json bench_arithmetic.json
+
+# Speculative TRB against its floors (batch 2, 96 tokens, one thread: the overhead-bound CPU proxy of GPU decoding)
+PYTHONPATH=. python scripts/bench_rollout.py --threads 1 --batch-size 2 --new-tokens 96 --repeats 7 --json bench_spec.json
 ```
 
 Every variant generates exactly the same number of tokens from the same left-padded prompts
@@ -21,7 +24,11 @@ Every variant generates exactly the same number of tokens from the same left-pad
 the variants run round-robin for `--repeats` rounds; medians are reported with two ratios and the spec's floors:
 
 - TRB / (student + teacher) <= 1.10: blending adds little beyond running both models;
-- (epsilon = 0) / student <= 1.02: a processor at epsilon = 0 costs nothing (it never calls the teacher).
+- (epsilon = 0) / student <= 1.02: a processor at epsilon = 0 costs nothing (it never calls the teacher);
+- speculative TRB / student <= 2.0 at epsilon = 0.02 and <= 1.6 at epsilon = 0.002, checked at batch <= 2 only
+  (`--speculative EPS:GAMMA ...` picks the variants, default 0.02:6 and 0.002:16, `EPS:GAMMA:adaptive` lets the
+  engine choose gamma <= GAMMA per round; `--speculative` alone runs none).
+  Their acceptance rate and tokens per teacher forward are printed too.
 
 It also reports the teacher's forward time inside TRB, one `trust_region_blend` call timed alone on random logits of
 the same shape, peak CUDA memory per variant on a GPU, and (Linux) how much CPU other processes used meanwhile: CPU
@@ -49,12 +56,16 @@ import transformers
 from transformers import DynamicCache, LogitsProcessorList, Qwen3Config, Qwen3ForCausalLM
 
 from trb_trl import TrustRegionBlendingProcessor, trust_region_blend
+from trb_trl.rollout import SpeculativeBlendingSampler
 from trb_trl.testing import build_tiny_qwen3
 
 
 VARIANTS = ("student", "teacher", "trb", "trb_eps0")
 TRB_FLOOR = 1.10  # TRB <= 1.10 x (student + teacher)
 EPS0_FLOOR = 1.02  # epsilon = 0 <= 1.02 x student
+# Speculative TRB <= floor x student, at batch <= SPECULATIVE_FLOOR_BATCH (the overhead-bound CPU proxy of GPU decoding).
+SPECULATIVE_FLOORS = {0.02: 2.0, 0.002: 1.6}
+SPECULATIVE_FLOOR_BATCH = 2
 PAD_ID = 0
 
 
@@ -134,6 +145,14 @@ def make_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="torch CPU threads (default: torch's own). 1 is steadier on a CPU that other jobs share.",
+    )
+    parser.add_argument(
+        "--speculative",
+        nargs="*",
+        default=["0.02:6", "0.002:16"],
+        metavar="EPS:GAMMA",
+        help="Speculative TRB variants, each a KL budget and a draft length, EPS:GAMMA[:adaptive] (default: 0.02:6 "
+        "0.002:16); none if empty.",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, metavar="PATH", help="Write all results here.")
@@ -286,6 +305,43 @@ def arithmetic(args) -> dict:
     }
 
 
+def speculative_arithmetic(result: dict, specs: list[str], blend_bytes_per_row: float | None) -> list[dict]:
+    """Bytes read per generated token (one chunk, memory-bound) by speculative TRB at acceptance
+    alpha = 1 - sqrt(epsilon / 2), the floor that Pinsker's inequality puts on 1 - TV(mu*, pi_S) before truncation.
+
+    A round reads the student's weights and KV cache gamma + 1 times and the teacher's once, and emits
+    E = (1 - alpha^(gamma + 1)) / (1 - alpha) tokens per sequence. Rejected drafts stay (masked) in both caches, so
+    the caches grow (gamma + 1) / E columns per token and every KV read is that much larger. The blend runs on all
+    gamma + 1 positions of every row; its traffic (unfused, from `--count-ops`) is listed apart."""
+    settings, student, teacher = result["settings"], result["student"], result["teacher"]
+    chunk, context = settings["chunk"], settings["mean_context"]
+    w_s, w_t = student["weight_bytes_read_per_step"], teacher["weight_bytes_read_per_step"]
+    kv_s, kv_t = chunk * context * student["kv_bytes_per_token"], chunk * context * teacher["kv_bytes_per_token"]
+    rows = []
+    for name, (epsilon, gamma, adaptive) in speculative_variants(specs).items():
+        if adaptive:
+            continue  # the arithmetic is per fixed gamma
+        alpha = 1.0 - (epsilon / 2.0) ** 0.5
+        tokens = (1.0 - alpha ** (gamma + 1)) / (1.0 - alpha)
+        waste = (gamma + 1) / tokens
+        models = (gamma + 1) * (w_s + waste * kv_s) + w_t + waste * kv_t
+        blend = None if blend_bytes_per_row is None else (gamma + 1) * chunk * blend_bytes_per_row
+        rows.append(
+            {
+                "variant": name,
+                "epsilon": epsilon,
+                "draft_length": gamma,
+                "acceptance_floor": alpha,
+                "tokens_per_round": tokens,
+                "kv_growth": waste,
+                "bytes_per_token_models": models / (tokens * chunk),
+                "bytes_per_token_blend_unfused": None if blend is None else blend / (tokens * chunk),
+                "limit_alpha_1_weights_only": (w_s + w_t / (gamma + 1)) / w_s,
+            }
+        )
+    return rows
+
+
 def print_arithmetic(result: dict) -> None:
     gb, gib = 1e9, 2**30
     student, teacher, settings = result["student"], result["teacher"], result["settings"]
@@ -321,6 +377,24 @@ def print_arithmetic(result: dict) -> None:
         print(
             f"trust_region_blend tensors read + written per call, unfused: {blend_bytes / 1e9:.2f} GB "
             f"({100 * blend_bytes / trb:.0f}% of the chunked TRB step's {trb / 1e9:.2f} GB)"
+        )
+    student_chunk = result["rollouts"]["student, one chunk"]["bytes_per_generated_token"]
+    processor_chunk = result["rollouts"]["TRB, chunked (recipe)"]["bytes_per_generated_token"]
+    print(
+        f"\nspeculative TRB, per generated token of a {settings['chunk']}-sequence chunk at acceptance "
+        f"1 - sqrt(eps/2) (student chunk {student_chunk / gb:.3f} GB, processor TRB {processor_chunk / gb:.3f} GB):"
+    )
+    print(
+        f"{'variant':<20} {'alpha':>6} {'tok/round':>9} {'KV x':>5} {'GB/token':>9} {'x student':>9} "
+        f"{'+blend GB':>9} {'alpha=1 limit':>13}"
+    )
+    for row in result.get("speculative", []):
+        blend = row["bytes_per_token_blend_unfused"]
+        print(
+            f"{row['variant']:<20} {row['acceptance_floor']:>6.3f} {row['tokens_per_round']:>9.2f} "
+            f"{row['kv_growth']:>5.2f} {row['bytes_per_token_models'] / gb:>9.3f} "
+            f"{row['bytes_per_token_models'] / student_chunk:>9.2f} "
+            f"{'n/a' if blend is None else f'{blend / gb:.3f}':>9} {row['limit_alpha_1_weights_only']:>13.2f}"
         )
     kv = result["kv_cache"]
     length = settings["prompt_tokens"] + settings["completion_tokens"]
@@ -435,23 +509,40 @@ def run_shape(shape: Shape, args, device: torch.device) -> dict:
             student_eos_token_id=shape.student_eos,
         )
 
+    speculative = speculative_variants(args.speculative)
+    variants = (*VARIANTS, *speculative)
     teacher_seconds = []  # teacher forwards inside the TRB processor, per timed TRB run
-    peak_memory = {variant: 0 for variant in VARIANTS}  # CUDA: the most any call of the variant allocated
+    speculation = {name: [] for name in speculative}  # the sampler's summary, per timed run
+    peak_memory = {variant: 0 for variant in variants}  # CUDA: the most any call of the variant allocated
 
     def run(variant: str, seed: int) -> float:
-        model, processor = student, None
+        model, processor, sampler = student, None, None
         if variant == "teacher":
             model = teacher
         elif variant in ("trb", "trb_eps0"):
             processor = trb_processor(args.epsilon if variant == "trb" else 0.0)
+        elif variant in speculative:
+            epsilon, draft_length, adaptive = speculative[variant]
+            sampler = SpeculativeBlendingSampler(
+                teacher,
+                epsilon,
+                draft_length=draft_length,
+                adaptive_draft_length=adaptive,
+                temperature=1.0,
+                vocab_size=shape.shared_vocab,
+                student_eos_token_id=shape.student_eos,
+            )
         torch.manual_seed(seed)
         synchronize(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
-        sequences = model.generate(
-            **generate_kwargs, logits_processor=LogitsProcessorList([processor] if processor is not None else [])
-        )
+        if sampler is not None:
+            sequences = sampler.generate(student, **generate_kwargs)
+        else:
+            sequences = model.generate(
+                **generate_kwargs, logits_processor=LogitsProcessorList([processor] if processor is not None else [])
+            )
         synchronize(device)
         seconds = time.perf_counter() - start
         if device.type == "cuda":
@@ -466,14 +557,18 @@ def run_shape(shape: Shape, args, device: torch.device) -> dict:
                 raise RuntimeError(f"TRB ran {processor.teacher_forwards} teacher forwards for {new_tokens} tokens")
         if variant == "trb_eps0" and processor.teacher_forwards != 0:
             raise RuntimeError("epsilon = 0 called the teacher")
+        if sampler is not None:
+            speculation[variant].append(sampler.summary())
         return seconds
 
-    for variant in VARIANTS:  # warm-up
+    for variant in variants:  # warm-up
         run(variant, args.seed)
     teacher_seconds.clear()
-    samples = {variant: [] for variant in VARIANTS}
+    for summaries in speculation.values():
+        summaries.clear()
+    samples = {variant: [] for variant in variants}
     for repeat in range(args.repeats):
-        for variant in VARIANTS:
+        for variant in variants:
             samples[variant].append(run(variant, args.seed + 1 + repeat))
 
     medians = {variant: statistics.median(values) for variant, values in samples.items()}
@@ -483,6 +578,29 @@ def run_shape(shape: Shape, args, device: torch.device) -> dict:
         "trb_over_student_plus_teacher": medians["trb"] / (medians["student"] + medians["teacher"]),
         "eps0_over_student": medians["trb_eps0"] / medians["student"],
     }
+    passes = {
+        "trb_over_student_plus_teacher": ratios["trb_over_student_plus_teacher"] <= TRB_FLOOR,
+        "eps0_over_student": ratios["eps0_over_student"] <= EPS0_FLOOR,
+    }
+    speculative_results = {}
+    for name, (epsilon, draft_length, adaptive) in speculative.items():
+        ratio = medians[name] / medians["student"]
+        floor = SPECULATIVE_FLOORS.get(epsilon) if batch_size <= SPECULATIVE_FLOOR_BATCH else None
+        summaries = speculation[name]
+        speculative_results[name] = {
+            "epsilon": epsilon,
+            "draft_length": draft_length,
+            "adaptive": adaptive,
+            "mean_draft_length": statistics.mean(s["mean_draft_length"] for s in summaries),
+            "over_student": ratio,
+            "floor": floor,
+            "acceptance_rate": statistics.mean(s["acceptance_rate"] for s in summaries),
+            "tokens_per_teacher_forward": statistics.mean(s["tokens_per_teacher_forward"] for s in summaries),
+            "teacher_seconds_median": statistics.median(s["teacher_seconds"] for s in summaries),
+        }
+        ratios[f"{name}_over_student"] = ratio
+        if floor is not None:
+            passes[f"{name}_over_student"] = ratio <= floor
     return {
         "shape": asdict(shape) | {"batch_size": batch_size, "new_tokens": new_tokens},
         "build_seconds": build_seconds,
@@ -492,12 +610,28 @@ def run_shape(shape: Shape, args, device: torch.device) -> dict:
         "trb_teacher_seconds_median": statistics.median(teacher_seconds),
         "blend_seconds_per_step_median": blend_seconds,
         "ratios": ratios,
+        "speculative": speculative_results,
         **({"peak_memory_bytes": peak_memory} if device.type == "cuda" else {}),
-        "pass": {
-            "trb_over_student_plus_teacher": ratios["trb_over_student_plus_teacher"] <= TRB_FLOOR,
-            "eps0_over_student": ratios["eps0_over_student"] <= EPS0_FLOOR,
-        },
+        "pass": passes,
     }
+
+
+def speculative_variants(specs: list[str]) -> dict[str, tuple[float, int, bool]]:
+    """`["0.02:6", "0.002:32:adaptive"]` -> `{"spec_eps0.02_g6": (0.02, 6, False), "spec_eps0.002_g32a": (0.002, 32,
+    True)}` (adaptive: gamma chosen per round, at most GAMMA)."""
+    variants = {}
+    for spec in specs:
+        parts = spec.split(":")
+        try:
+            if len(parts) not in (2, 3) or parts[2:] not in ([], ["adaptive"]):
+                raise ValueError
+            epsilon, draft_length, adaptive = float(parts[0]), int(parts[1]), len(parts) == 3
+        except ValueError:
+            raise SystemExit(
+                f"--speculative takes EPS:GAMMA or EPS:GAMMA:adaptive, such as 0.02:6, got {spec!r}."
+            ) from None
+        variants[f"spec_eps{epsilon:g}_g{draft_length}{'a' if adaptive else ''}"] = (epsilon, draft_length, adaptive)
+    return variants
 
 
 def time_blend(batch_size: int, vocab: int, epsilon: float, device: torch.device, seed: int, calls: int = 20) -> float:
@@ -541,11 +675,10 @@ def print_result(result: dict) -> None:
         f"\n== {shape['name']}: V={shape['vocab_size']}, batch {shape['batch_size']}, {shape['new_tokens']} new "
         f"tokens, prompts {shape['min_prompt']}-{shape['max_prompt']}, {shape['dtype']} =="
     )
-    print(f"{'variant':<10} {'median s':>10} {'min s':>9} {'max s':>9} {'tokens/s':>10}")
-    for variant in VARIANTS:
-        values = result["samples_seconds"][variant]
+    print(f"{'variant':<20} {'median s':>10} {'min s':>9} {'max s':>9} {'tokens/s':>10}")
+    for variant, values in result["samples_seconds"].items():
         print(
-            f"{variant:<10} {result['median_seconds'][variant]:>10.4f} {min(values):>9.4f} {max(values):>9.4f} "
+            f"{variant:<20} {result['median_seconds'][variant]:>10.4f} {min(values):>9.4f} {max(values):>9.4f} "
             f"{result['tokens_per_second'][variant]:>10.1f}"
         )
     if "peak_memory_bytes" in result:
@@ -562,6 +695,17 @@ def print_result(result: dict) -> None:
     for key, floor in (("trb_over_student_plus_teacher", TRB_FLOOR), ("eps0_over_student", EPS0_FLOOR)):
         verdict = "PASS" if result["pass"][key] else "FAIL"
         print(f"{key:<31} {result['ratios'][key]:.3f}  (floor {floor:.2f})  {verdict}")
+    for name, entry in result["speculative"].items():
+        if entry["floor"] is None:
+            verdict = f"(floors apply at batch <= {SPECULATIVE_FLOOR_BATCH} for eps in {sorted(SPECULATIVE_FLOORS)})"
+        else:
+            verdict = f"(floor {entry['floor']:.2f})  {'PASS' if result['pass'][f'{name}_over_student'] else 'FAIL'}"
+        print(
+            f"{name + ' / student':<31} {entry['over_student']:.3f}  {verdict}; acceptance "
+            f"{entry['acceptance_rate']:.3f}, tokens per teacher forward {entry['tokens_per_teacher_forward']:.2f}, "
+            f"mean draft length {entry['mean_draft_length']:.1f}, "
+            f"teacher {entry['teacher_seconds_median']:.3f} s"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -575,6 +719,9 @@ def main(argv: list[str] | None = None) -> int:
         result = arithmetic(args)
         if args.count_ops:
             result["op_counts"] = op_counts(args.chunk)
+        counts = result.get("op_counts")
+        blend_per_row = counts["trust_region_blend_unfused_bytes"] / counts["batch_size"] if counts else None
+        result["speculative"] = speculative_arithmetic(result, args.speculative, blend_per_row)
         print_arithmetic(result)
         if args.json:
             with open(args.json, "w") as handle:

@@ -56,3 +56,26 @@ def blend_row_reference(student_logits, teacher_logits, epsilon, temperature=1.0
         beta = brentq(lambda b: kl_to_student(b) - epsilon, 0.0, 1.0, xtol=1e-12, rtol=1e-12)
     lm = log_mu(beta)
     return result(lm, beta, kl(lm, ls), kl(lm, lt))
+
+
+def logprobs_reference(hidden, weight, bias=None, *, scale=1.0, softcap=None, temperature=1.0, alignment=None):
+    """float64 torch log pi(v) for every id, from the definition: the softmax of TRL's transformed logits (scale,
+    soft-cap, temperature), then each merged stop id's probability added to the canonical id's (merged ids keep none:
+    -inf). Differentiable, so autograd through it gives the reference gradients."""
+    import torch
+
+    logits = hidden.double() @ weight.double().T
+    if bias is not None:
+        logits = logits + bias.double()
+    logits = logits * scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    logprobs = torch.log_softmax(logits / temperature, dim=-1)
+    if alignment is None:
+        return logprobs
+    stop_ids = [alignment.canonical_id, *alignment.merged_ids]
+    merged = torch.logsumexp(logprobs[..., stop_ids], dim=-1)
+    logprobs = logprobs.clone()
+    logprobs[..., list(alignment.merged_ids)] = float("-inf")
+    logprobs[..., alignment.canonical_id] = merged
+    return logprobs

@@ -11,7 +11,7 @@ import yaml
 from accelerate.commands.config.config_args import ClusterConfig
 from accelerate.commands.launch import launch_command_parser
 
-from trb_trl.scripts.trb_distill import make_parser
+from trb_trl.scripts.trb_distill import make_parser, trainer_name
 from trb_trl.sweep import METHOD_KEYS, sweep_points
 
 
@@ -27,6 +27,9 @@ BASELINES = {
     "sft_warmup": {"rollout_policy": "student", "sft_warmup_steps": 25},
     "veto": {"rollout_policy": "student", "veto_beta_start": 0.4, "veto_decay_steps": None},
 }
+# The paper trains every method with reverse KL over the student's top-16 tokens (Appendix A).
+for _method in BASELINES.values():
+    _method["loss_top_k"] = 16
 
 
 def _accelerate_options() -> set[str]:
@@ -53,7 +56,7 @@ def test_the_promised_recipes_exist():
 def test_recipe_parses_with_no_unknown_keys(recipe, monkeypatch):
     for key in yaml.safe_load(recipe.read_text()).get("env", {}):
         monkeypatch.setenv(key, "")  # parsing sets the recipe's env; monkeypatch restores it after the test
-    parser = make_parser()
+    parser = make_parser(trainer=trainer_name(["--config", str(recipe)]))
     *dataclasses, config_remaining, cli_remaining = parser.parse_args_and_config(
         ["--config", str(recipe), "--use_cpu", "true"],  # no GPU here: bf16 recipes need use_cpu to parse
         return_remaining_strings=True,
@@ -85,6 +88,7 @@ def test_qwen3_recipes_carry_the_paper_settings(recipe, student, teacher, epsilo
     )[:4]
     assert (model_args.model_name_or_path, args.teacher_model_name_or_path) == (student, teacher)
     assert (args.trb_epsilon, args.trb_warmup_steps, args.trb_schedule) == (epsilon, 50, "linear")
+    assert args.loss_top_k == 16 and args.beta == 1.0  # reverse KL over the student's top-16 tokens
     assert script_args.system_prompt == "Please reason step by step, and put your final answer within \\boxed{}."
     assert script_args.dataset_domain == "math" and script_args.max_prompt_tokens == 1024
     assert args.max_completion_length == 7168 and args.temperature == 1.0
@@ -110,7 +114,8 @@ def test_baseline_recipes_carry_the_paper_setting_and_nothing_of_another_method(
     assert isinstance(args, TRBDistillConfig)
     defaults = {field.name: field.default for field in dataclasses.fields(TRBDistillConfig)}
     for key in METHOD_KEYS:
-        assert getattr(args, key) == BASELINES[method].get(key, defaults[key]), key
+        if key in defaults:  # TrOPD's method keys are not TRBDistillConfig fields
+            assert getattr(args, key) == BASELINES[method].get(key, defaults[key]), key
 
 
 @pytest.mark.parametrize("method", BASELINES)
@@ -138,6 +143,44 @@ def test_baseline_recipe_differs_from_its_trb_recipe_only_in_the_method(pair, me
                 assert getattr(trb_args, field.name) == getattr(baseline_args, field.name), field.name
 
 
+def test_tropd_recipes_carry_the_papers_settings(monkeypatch):
+    """The TrOPD paper's math pair (200 steps, constant lr 5e-6, 128 prompts x 4 rollouts, k = 64, beta = 1e-3, the
+    full method with guidance) and the Qwen3 pair that differs from the TRB recipe only in the method."""
+    from trb_trl import TrOPDConfig
+
+    monkeypatch.setenv("WANDB_PROJECT", "")
+    argv = ["--config", str(RECIPES / "deepseek_r1_1p5b_tropd.yaml"), "--use_cpu", "true"]
+    script_args, args, model_args = make_parser(trainer="tropd").parse_args_and_config(
+        argv, return_remaining_strings=True
+    )[:3]
+    assert isinstance(args, TrOPDConfig) and script_args.trainer == "tropd"
+    assert model_args.model_name_or_path == "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
+    assert args.teacher_model_name_or_path == "Skywork/Skywork-OR1-Math-7B"
+    assert args.max_steps == 200 and args.learning_rate == 5e-6 and args.lr_scheduler_type == "constant"
+    assert 8 * args.per_device_train_batch_size * args.gradient_accumulation_steps == 128 * 4
+    assert script_args.rollouts_per_prompt == 4 and script_args.max_train_prompts == 128 * 200
+    assert (args.tropd_objective, args.tropd_outlier, args.tropd_outlier_detection) == (
+        "trust_region",
+        "fkl",
+        "adaptive",
+    )
+    assert args.tropd_top_k == 64 and args.tropd_guidance and args.tropd_guidance_weight == 1e-3
+    assert args.rollout_policy == "student" and args.loss_top_k is None
+    assert args.prefix_max_length == args.max_completion_length and args.prefix_anneal_steps == 200
+
+    trb = yaml.safe_load((RECIPES / "qwen3_1p7b.yaml").read_text())
+    tropd = yaml.safe_load((RECIPES / "qwen3_1p7b_tropd.yaml").read_text())
+    differing = {key for key in trb.keys() | tropd.keys() if trb.get(key) != tropd.get(key)}
+    tropd_keys = {key for key in tropd if key.startswith("tropd_")}
+    assert differing == {"trainer", "rollout_policy", "loss_top_k", "output_dir", "run_name"} | tropd_keys | {
+        "trb_epsilon",
+        "trb_schedule",
+        "trb_warmup_steps",
+    }
+    point = next(point for point in sweep_points(["tropd"]) if point.name == "tropd-tropd")
+    assert {key: value for key, value in tropd.items() if key in METHOD_KEYS} == point.overrides
+
+
 @pytest.mark.parametrize("config", ACCELERATE_CONFIGS, ids=lambda path: path.name)
 def test_accelerate_configs_load(config):
     loaded = ClusterConfig.from_yaml_file(str(config))
@@ -158,7 +201,8 @@ def test_every_recipe_names_its_wandb_project(recipe, monkeypatch):
     monkeypatch.setenv("WANDB_PROJECT", "")  # parsing sets it; monkeypatch restores it after the test
     env = yaml.safe_load(recipe.read_text()).get("env", {})
     assert env.get("WANDB_PROJECT"), f"{recipe.name} sets no env: {{WANDB_PROJECT: ...}}"
-    make_parser().parse_args_and_config(["--config", str(recipe), "--use_cpu", "true"], return_remaining_strings=True)
+    parser = make_parser(trainer=trainer_name(["--config", str(recipe)]))
+    parser.parse_args_and_config(["--config", str(recipe), "--use_cpu", "true"], return_remaining_strings=True)
     assert os.environ["WANDB_PROJECT"] == env["WANDB_PROJECT"]  # TrlParser exports the recipe's env
 
 
@@ -166,7 +210,7 @@ def test_qwen3_recipe_comments_match_their_arithmetic():
     """The recipes' comments state 256 sequences per step, 400 steps = one pass over 25,600 prompts x 4 copies, and
     chunks of 8 sequences per TRB `generate` call; check the numbers against the values."""
     names = sorted(path.name for path in RECIPES.glob("qwen3_*.yaml"))
-    assert len(names) == 2 * (2 + len(BASELINES))
+    assert len(names) == 2 * (2 + len(BASELINES)) + 1  # + qwen3_1p7b_tropd.yaml
     for name in names:
         text = (RECIPES / name).read_text()
         config = yaml.safe_load(text)

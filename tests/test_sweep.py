@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from trb_trl import TRBDistillConfig
+from trb_trl import TRBDistillConfig, TrOPDConfig
 from trb_trl.cli import main as cli_main
-from trb_trl.scripts.trb_distill import make_parser
+from trb_trl.scripts.trb_distill import make_parser, trainer_name
 from trb_trl.sweep import METHOD_KEYS, PAPER_GRIDS, method_points, parse_methods, sweep_points, write_sweep
 
 
@@ -26,22 +26,49 @@ PAPER = {
     "sft_warmup": [{"sft_warmup_steps": n} for n in (15, 25, 50)],
     "veto": [{"veto_beta_start": b} for b in (0.2, 0.4, 0.6, 0.8)],
 }
+# arXiv 2606.01249, the math ablation table's rows we implement: (objective, outlier, detection, guidance).
+TROPD_ROWS = {
+    ("k1", "fkl", "adaptive", False),  # OPD
+    ("fkl", "fkl", "adaptive", False),  # FKL alone
+    ("jsd", "fkl", "adaptive", False),  # JSD
+    ("trust_region", "clip", "threshold", False),  # Clip Outlier
+    ("trust_region", "mask", "threshold", False),  # Mask Outlier
+    ("trust_region", "fkl", "adaptive", False),  # FKL Outlier
+    ("trust_region", "clip", "threshold", True),  # TrOPD-Clip
+    ("trust_region", "mask", "threshold", True),  # TrOPD-Mask
+    ("trust_region", "fkl", "adaptive", True),  # TrOPD
+}
+TROPD_KEYS = ("tropd_objective", "tropd_outlier", "tropd_outlier_detection", "tropd_guidance")
 POLICY = {"fixed_epsilon": "fixed_epsilon", "skd": "skd", "temperature": "temperature", "trb": "trb"}
 
 
 def _swept(overrides: dict) -> dict:
-    return {key: value for key, value in overrides.items() if key not in ("rollout_policy", "trb_schedule")}
+    fixed = ("rollout_policy", "trb_schedule", "loss_top_k")
+    return {key: value for key, value in overrides.items() if key not in fixed}
 
 
 def test_grids_are_the_papers():
-    assert set(PAPER_GRIDS) == set(PAPER)
+    assert set(PAPER_GRIDS) == {*PAPER, "tropd"}
     sizes = {method: len(method_points(method)) for method in PAPER_GRIDS}
-    assert sizes == {"opd": 1, "trb": 15, "fixed_epsilon": 5, "skd": 9, "temperature": 6, "sft_warmup": 3, "veto": 4}
+    assert sizes == {
+        "opd": 1,
+        "trb": 15,
+        "fixed_epsilon": 5,
+        "skd": 9,
+        "temperature": 6,
+        "sft_warmup": 3,
+        "veto": 4,
+        "tropd": 9,
+    }
     for method, expected in PAPER.items():
         points = method_points(method)
         assert sorted(map(str, (_swept(p.overrides) for p in points))) == sorted(map(str, expected)), method
         assert all(p.overrides["rollout_policy"] == POLICY.get(method, "student") for p in points)
-    assert len(sweep_points()) == 43
+        assert all(p.overrides["loss_top_k"] == 16 for p in points)  # the TRB paper's loss for every method
+    tropd = method_points("tropd")
+    assert {tuple(p.overrides[key] for key in TROPD_KEYS) for p in tropd} == TROPD_ROWS and len(tropd) == 9
+    assert all(p.overrides["trainer"] == "tropd" and "loss_top_k" not in p.overrides for p in tropd)
+    assert len(sweep_points()) == 52
     assert {p.overrides["trb_schedule"] for p in method_points("trb")} == {"linear"}
     assert {p.overrides["trb_schedule"] for p in method_points("fixed_epsilon")} == {"constant"}
 
@@ -51,8 +78,11 @@ def test_point_names_say_the_point():
     assert len(set(names)) == len(names)
     assert {"opd", "trb-e0.02-k50", "fixed_epsilon-e0.001", "skd-k15-tauT0.2", "skd-k50-tauT1.0"} <= set(names)
     assert {"temperature-tau0.95-end15", "sft_warmup-n25", "veto-beta0.8"} <= set(names)
+    assert "tropd-tropd" in names and "tropd-mask_guided" in names
     for point in sweep_points():  # every swept value appears in the name, in the order of the grid's axes
         assert point.name.split("-")[0] in PAPER_GRIDS
+        if point.name.startswith("tropd-"):  # ablation rows are named, not swept
+            continue
         assert all(f"{value:g}" in point.name for value in _swept(point.overrides).values()), point
 
 
@@ -72,7 +102,7 @@ def sweep_dir(tmp_path_factory):
 
 
 def _parse(path: Path):
-    return make_parser().parse_args_and_config(
+    return make_parser(trainer=trainer_name(["--config", str(path)])).parse_args_and_config(
         ["--config", str(path), "--use_cpu", "true"],  # no GPU here: bf16 recipes need use_cpu to parse
         return_remaining_strings=True,
         separate_remaining_strings=True,
@@ -88,18 +118,20 @@ def test_every_generated_recipe_is_a_valid_config_of_its_point(sweep_dir, monkey
     assert [path.name for path in paths] == [f"qwen3_1p7b-{point.name}.yaml" for point in points]
     assert sorted(output.iterdir()) == sorted(paths)
     base = _parse(RECIPES / "qwen3_1p7b.yaml")
-    defaults = {field.name: field.default for field in dataclasses.fields(TRBDistillConfig)}
-    ignored = set(METHOD_KEYS) | {"output_dir", "run_name", "logging_dir"}
+    ignored = set(METHOD_KEYS) | {"output_dir", "run_name", "logging_dir", "trainer"}
     for path, point in zip(paths, points, strict=True):
         *parsed, config_remaining, cli_remaining = _parse(path)
         assert cli_remaining == [] and config_remaining == base[-2]  # the same accelerate keys
-        args = parsed[1]
-        assert isinstance(args, TRBDistillConfig)
+        script_args, args = parsed[:2]
+        config_class = TrOPDConfig if point.overrides.get("trainer") == "tropd" else TRBDistillConfig
+        assert type(args) is config_class and script_args.trainer == point.overrides.get("trainer", "trb")
         assert (args.run_name, args.output_dir) == (path.stem, f"outputs/{path.stem}")
+        defaults = {field.name: field.default for field in dataclasses.fields(config_class)}
         for key in METHOD_KEYS:
-            assert getattr(args, key) == point.overrides.get(key, defaults[key]), (path.name, key)
+            if key in defaults:
+                assert getattr(args, key) == point.overrides.get(key, defaults[key]), (path.name, key)
         for ours, theirs in zip(parsed, base[:-2], strict=True):
-            for field in dataclasses.fields(ours):
+            for field in dataclasses.fields(theirs):  # the TRB base's fields; TrOPD's own are method keys
                 if field.name not in ignored:
                     assert getattr(ours, field.name) == getattr(theirs, field.name), (path.name, field.name)
 
@@ -137,6 +169,7 @@ def test_methods_filter_prefix_and_a_base_without_naming_keys(tmp_path):
         "rollout_policy": "skd",
         "skd_top_k": 15,
         "skd_teacher_temperature": 0.2,
+        "loss_top_k": 16,
         "output_dir": "outputs/pair-skd-k15-tauT0.2",
         "run_name": "pair-skd-k15-tauT0.2",
     }

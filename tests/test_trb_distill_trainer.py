@@ -359,3 +359,33 @@ def test_wandb_runs_go_under_output_dir_unless_wandb_dir_is_set(tmp_path, monkey
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "mine"))
     trb_distill_trainer._put_wandb_runs_under(str(tmp_path / "c"))
     assert os.environ["WANDB_DIR"] == str(tmp_path / "mine")
+
+
+def test_loss_top_k_over_the_whole_vocabulary_trains_exactly_like_the_full_divergence(
+    tiny_pair_dir, prompts, tmp_path
+):
+    """`loss_top_k >= V` keeps every token in the support, so the top-k loss is the full (stop-aligned) divergence:
+    same rollouts (same seed), same updates. A small k trains too, also with Veto's target."""
+    runs = []
+    vocab = len(AutoTokenizer.from_pretrained(tiny_pair_dir["tokenizer"]))
+    for loss_top_k in (None, vocab + 10):
+        trainer = tiny_trainer(
+            tiny_pair_dir, _args(tmp_path / str(loss_top_k), max_steps=2, loss_top_k=loss_top_k), prompts
+        )
+        trainer.train()
+        runs.append(trainer)
+    assert runs[0]._trb_stop_alignment is not None  # the tiny pair stops on different ids: the aligned path
+    for (name, p), (_, q) in zip(runs[0].model.named_parameters(), runs[1].model.named_parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=2e-5, msg=name)  # float32 summation order only
+
+    trainer = tiny_trainer(
+        tiny_pair_dir, _args(tmp_path / "k4", max_steps=2, loss_top_k=4, veto_beta_start=0.4), prompts
+    )
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["veto/beta"] for entry in logs] == [0.4, 0.2] and all(entry["loss"] > 0 for entry in logs)
+
+
+def test_loss_top_k_must_be_a_positive_integer(tmp_path):
+    with pytest.raises(ValueError, match="loss_top_k must be an integer >= 1"):
+        _args(tmp_path, TRBDistillConfig, loss_top_k=0)

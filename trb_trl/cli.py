@@ -258,6 +258,7 @@ Run TRB distillation from a YAML recipe, launched with `accelerate launch`.
   trb-trl train recipes/qwen3_1p7b.yaml                       # everything from the recipe
   trb-trl train recipes/qwen3_1p7b.yaml --trb_epsilon 0.01    # a command-line value overrides the recipe's
   trb-trl train recipes/tiny_cpu.yaml --num_processes 1 --per_device_train_batch_size 1
+  trb-trl train recipes/qwen3_1p7b_tropd.yaml                 # `trainer: tropd`: TrOPD and its tropd_* options
 
 Every training option below can be a recipe key (`trb_epsilon: 0.01`) or a command-line option
 (`--trb_epsilon 0.01`). Keys that are not training options go to `accelerate launch`:
@@ -272,13 +273,16 @@ Every training option below can be a recipe key (`trb_epsilon: 0.01`) or a comma
 """
 
 
-def _train_parser():
+def _train_parser(argv: list[str] | None = None):
     from trb_trl.scripts import trb_distill
 
     class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
         pass
 
-    parser = trb_distill.make_parser(prog=f"{PROG} train")
+    argv = list(argv or [])
+    if argv and not argv[0].startswith("-"):
+        argv = ["--config", *argv]
+    parser = trb_distill.make_parser(prog=f"{PROG} train", trainer=trb_distill.trainer_name(argv))
     shipped = ", ".join(_shipped_config_names())
     parser.usage = TRAIN_USAGE
     parser.description = TRAIN_DESCRIPTION.format(shipped=shipped)
@@ -292,8 +296,8 @@ def _train_parser():
 def train(argv: list[str]) -> int:
     """Parse a recipe (plus overrides) and launch `trb_trl/scripts/trb_distill.py` with `accelerate launch`."""
     try:
-        parser = _train_parser()  # imports TRL: fails with a clear message outside the tested TRL range
-    except ImportError as error:
+        parser = _train_parser(argv)  # imports TRL: fails with a clear message outside the tested TRL range
+    except (ImportError, ValueError) as error:
         return _error(error)
     try:
         launch_args, script_args = plan_launch(parser, argv)  # exits on -h

@@ -1,5 +1,6 @@
 """Warmup schedules: each knob a rollout policy or a loss anneals, as a pure function of the optimizer step."""
 
+import math
 from collections.abc import Callable
 
 
@@ -40,3 +41,11 @@ def veto_weight(step: int, start: float, decay_steps: int) -> float:
 def active_for(step: int, steps: int | None) -> bool:
     """Whether a policy limited to its first `steps` optimizer steps (None: the whole run) acts at `step`."""
     return steps is None or step < steps
+
+
+def cosine_prefix_length(step: int, max_length: int, anneal_steps: int) -> int:
+    """TrOPD's guidance: the longest teacher prefix at `step`, max_length * (1 + cos(pi * step / anneal_steps)) / 2
+    rounded down, from `max_length` at step 0 to exactly 0 from `anneal_steps` on (training ends fully on-policy)."""
+    if step >= anneal_steps:
+        return 0
+    return int(math.floor(max_length * 0.5 * (1.0 + math.cos(math.pi * step / anneal_steps)) + 1e-9))

@@ -33,7 +33,8 @@ from transformers import (
 from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
 
 from ._compat import RepeatSampler, SFTConfig, SFTTrainer, is_conversational
-from .stop_alignment import StopAlignment, as_id_list
+from .rollout.teacher_prefix import cut_at_stop
+from .stop_alignment import as_id_list
 from .trb_distill_config import TRBDistillConfig
 
 
@@ -163,15 +164,7 @@ def sft_target(completion_ids: list[int], student_stop_ids, teacher_stop_ids) ->
     stop on (an instruct teacher's `<|im_end|>` for a Base student) replaced by the student's stop id, so the student
     learns to stop on its own. A completion without a stop (cut at max_completion_length) is kept whole, unterminated.
     """
-    student_ids, teacher_ids = as_id_list(student_stop_ids), as_id_list(teacher_stop_ids)
-    alignment = StopAlignment.between(student_ids, teacher_ids)
-    stops = set(student_ids) | set(teacher_ids)
-    for position, token in enumerate(completion_ids):
-        if token in stops:
-            if alignment is not None and token in alignment.merged_ids:
-                token = alignment.canonical_id
-            return [*completion_ids[:position], token]
-    return list(completion_ids)
+    return cut_at_stop(completion_ids, student_stop_ids, teacher_stop_ids)[0]
 
 
 def teacher_responses(teacher, tokenizer, prompts: list, args: TRBDistillConfig, *, student_stop_ids) -> Dataset:

@@ -1,16 +1,18 @@
 """The paper's hyper-parameter sweeps as recipes: one YAML per grid point, written from a base recipe.
 
 ```bash
-trb-trl sweep recipes/qwen3_1p7b.yaml --output-dir sweeps/qwen3_1p7b                  # every method: 43 recipes
+trb-trl sweep recipes/qwen3_1p7b.yaml --output-dir sweeps/qwen3_1p7b                  # every method: 52 recipes
 trb-trl sweep recipes/qwen3_1p7b.yaml --output-dir sweeps/qwen3_1p7b --methods skd,veto
 trb-trl train sweeps/qwen3_1p7b/qwen3_1p7b-skd-k15-tauT0.2.yaml                        # one point
+trb-trl sweep recipes/deepseek_r1_1p5b_tropd.yaml --output-dir sweeps/ds --methods tropd  # TrOPD's ablation
 ```
 
 The TRB paper (arXiv 2605.31159, Appendix A.2) tunes TRB and each baseline on a small grid and reports the best point
-of each. `PAPER_GRIDS` holds those grids; `sweep_points` turns them into `(name, overrides)` pairs, and `write_sweep`
+of each; the TrOPD paper (arXiv 2606.01249) ablates its loss and guidance row by row (method `tropd`, 9 points).
+`PAPER_GRIDS` holds those grids; `sweep_points` turns them into `(name, overrides)` pairs, and `write_sweep`
 writes one recipe per point. A generated recipe is the base recipe with its method keys (`METHOD_KEYS`) replaced by
-the point's and `output_dir` / `run_name` named for the point, so every run of a sweep shares the base's loss,
-budget, seed and data. The base is edited line by line, so its other keys and their comments stay as written.
+the point's and `output_dir` / `run_name` named for the point, so every run of a sweep shares the base's budget, seed
+and data (the method keys include the loss: each paper's own, `loss_top_k: 16` for the TRB paper's points). The base is edited line by line, so its other keys and their comments stay as written.
 
 Standard library and PyYAML only: `trb-trl sweep` imports neither torch nor TRL.
 """
@@ -45,6 +47,12 @@ METHOD_KEYS = (
     "veto_beta_start",
     "veto_decay_steps",
     "sft_warmup_steps",
+    "loss_top_k",
+    "trainer",
+    "tropd_objective",
+    "tropd_outlier",
+    "tropd_outlier_detection",
+    "tropd_guidance",
 )
 NAMING_KEYS = ("output_dir", "run_name")
 
@@ -53,50 +61,89 @@ _EPSILONS = (0.001, 0.005, 0.01, 0.02, 0.05)
 
 class SweepMethod(NamedTuple):
     """One method's grid: the keys every point sets, the swept axes `(config key, tag in the name, paper values)`,
-    and a sentence for the recipe's comment, formatted with the point's values."""
+    and a sentence for the recipe's comment, formatted with the point's values. A grid that is not a product (the
+    rows of an ablation table) lists its `points` as `(tag, keys)` instead of axes."""
 
     fixed: dict
     axes: tuple[tuple[str, str, tuple], ...]
     summary: str
+    points: tuple[tuple[str, dict], ...] = ()
+    source: str = "the TRB paper's sweep grid (arXiv 2605.31159, Appendix A.2; trb_trl/sweep.py)"
+
+
+# The TRB paper trains every method with reverse KL over the student's top-16 tokens (Appendix A): every point of its
+# grids sets it, so a point is the paper's whatever the base recipe's loss.
+_TRB_LOSS = {"loss_top_k": 16}
+_TROPD = {"trainer": "tropd", "rollout_policy": "student"}
+
+
+def _tropd_row(objective: str, guidance: bool, outlier: str = "fkl", detection: str = "adaptive") -> dict:
+    return {
+        "tropd_objective": objective,
+        "tropd_outlier": outlier,
+        "tropd_outlier_detection": detection,
+        "tropd_guidance": guidance,
+    }
 
 
 # arXiv 2605.31159, Appendix A.2 (docs/baselines.md): the values the paper sweeps for each method.
 PAPER_GRIDS: dict[str, SweepMethod] = {
-    "opd": SweepMethod({"rollout_policy": "student"}, (), "vanilla OPD: student rollouts at every step."),
+    "opd": SweepMethod({"rollout_policy": "student", **_TRB_LOSS}, (), "vanilla OPD: student rollouts at every step."),
     "trb": SweepMethod(
-        {"rollout_policy": "trb", "trb_schedule": "linear"},
+        {"rollout_policy": "trb", "trb_schedule": "linear", **_TRB_LOSS},
         (("trb_epsilon", "e", _EPSILONS), ("trb_warmup_steps", "k", (15, 25, 50))),
         "TRB: epsilon_0 = {trb_epsilon} nats/token annealed linearly to 0 over the first K = {trb_warmup_steps} "
         "optimizer steps, then student rollouts.",
     ),
     "fixed_epsilon": SweepMethod(
-        {"rollout_policy": "fixed_epsilon", "trb_schedule": "constant"},
+        {"rollout_policy": "fixed_epsilon", "trb_schedule": "constant", **_TRB_LOSS},
         (("trb_epsilon", "e", _EPSILONS),),
         "fixed-epsilon blending: the TRB blend with epsilon = {trb_epsilon} nats/token at every step.",
     ),
     "skd": SweepMethod(
-        {"rollout_policy": "skd"},
+        {"rollout_policy": "skd", **_TRB_LOSS},
         (("skd_top_k", "k", (15, 25, 50)), ("skd_teacher_temperature", "tauT", (0.2, 0.6, 1.0))),
         "SKD: a sampled student token outside the teacher's top-{skd_top_k} is replaced by a teacher sample at "
         "temperature {skd_teacher_temperature}, checked at every token, for the whole run.",
     ),
     "temperature": SweepMethod(
-        {"rollout_policy": "temperature"},
+        {"rollout_policy": "temperature", **_TRB_LOSS},
         (("temperature_warmup_start", "tau", (0.8, 0.9, 0.95)), ("temperature_warmup_steps", "end", (15, 25))),
         "temperature warmup: rollout temperature {temperature_warmup_start} at step 0, rising linearly to "
         "`temperature` at step {temperature_warmup_steps}; the loss keeps `temperature`.",
     ),
     "sft_warmup": SweepMethod(
-        {"rollout_policy": "student"},
+        {"rollout_policy": "student", **_TRB_LOSS},
         (("sft_warmup_steps", "n", (15, 25, 50)),),
         "SFT warmup: {sft_warmup_steps} supervised steps on teacher responses to the prompts of the first "
         "{sft_warmup_steps} OPD steps, then OPD with student rollouts.",
     ),
     "veto": SweepMethod(
-        {"rollout_policy": "student"},
+        {"rollout_policy": "student", **_TRB_LOSS},
         (("veto_beta_start", "beta", (0.2, 0.4, 0.6, 0.8)),),
         "Veto: student rollouts; the loss target is pi_T * pi_S^beta (student term detached), beta decaying "
         "linearly from {veto_beta_start} to 0 over the run.",
+    ),
+    # arXiv 2606.01249, the math ablation table (docs/tropd.md): one point per row we implement ("Entropy OPD 20%" is
+    # not). Clip and Mask are the paper's static-threshold rows; "+ guidance" adds the teacher prefixes to a row.
+    "tropd": SweepMethod(
+        _TROPD,
+        (),
+        "TrOPD ablation row: tropd_objective={tropd_objective}, tropd_outlier={tropd_outlier}, "
+        "tropd_outlier_detection={tropd_outlier_detection}, tropd_guidance={tropd_guidance}; TrOPD's loss, student "
+        "rollouts.",
+        points=(
+            ("opd", _tropd_row("k1", False)),
+            ("fkl", _tropd_row("fkl", False)),
+            ("jsd", _tropd_row("jsd", False)),
+            ("clip", _tropd_row("trust_region", False, "clip", "threshold")),
+            ("mask", _tropd_row("trust_region", False, "mask", "threshold")),
+            ("fkl_outlier", _tropd_row("trust_region", False)),
+            ("clip_guided", _tropd_row("trust_region", True, "clip", "threshold")),
+            ("mask_guided", _tropd_row("trust_region", True, "mask", "threshold")),
+            ("tropd", _tropd_row("trust_region", True)),
+        ),
+        source="the TrOPD paper's ablation (arXiv 2606.01249, Table 1; trb_trl/sweep.py)",
     ),
 }
 
@@ -112,6 +159,8 @@ def _format_value(value) -> str:
     """`0.2` -> `0.2`, `1.0` -> `1.0` (a float stays visibly a float), `15` -> `15`; text as is."""
     if isinstance(value, str):
         return value
+    if isinstance(value, bool):
+        return str(value).lower()
     text = f"{value:g}"
     return f"{text}.0" if isinstance(value, float) and re.fullmatch(r"-?\d+", text) else text
 
@@ -121,6 +170,8 @@ def method_points(method: str) -> list[SweepPoint]:
     if method not in PAPER_GRIDS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(PAPER_GRIDS)}.")
     grid = PAPER_GRIDS[method]
+    if grid.points:
+        return [SweepPoint(f"{method}-{tag}", {**grid.fixed, **keys}) for tag, keys in grid.points]
     points = []
     for values in itertools.product(*(axis_values for _, _, axis_values in grid.axes)):
         swept = {key: value for (key, _, _), value in zip(grid.axes, values, strict=True)}
@@ -191,9 +242,9 @@ def render_point(base_text: str, point: SweepPoint, *, name: str, base_path: str
             if not _has_inline_value(match.group(2)) or continued:
                 raise ValueError(f"{base_path}: `{key}` must be a one-line value to be replaced in a sweep.")
         if key in METHOD_KEYS:
+            while out and out[-1].startswith("#"):  # the comment above a method key describes the base's method
+                out.pop()
             if method_block_at is None:
-                while out and out[-1].startswith("#"):  # that block's comment describes the base's method
-                    out.pop()
                 method_block_at = len(out)
             continue
         if key in NAMING_KEYS:
@@ -204,9 +255,12 @@ def render_point(base_text: str, point: SweepPoint, *, name: str, base_path: str
 
     method = name_method(point.name)
     values = {key: _format_value(value) for key, value in point.overrides.items()}
+    loss = (
+        " Loss: reverse KL over the student's top-16 tokens (loss_top_k)." if "loss_top_k" in point.overrides else ""
+    )
     comment = (
-        f"Method, sweep point {point.name}: {PAPER_GRIDS[method].summary.format(**values)} Method keys not set "
-        "here take their defaults; the rollout resource keys (trb_gather_*, trb_generation_*) are the base's."
+        f"Method, sweep point {point.name}: {PAPER_GRIDS[method].summary.format(**values)}{loss} Method keys not "
+        "set here take their defaults; the rollout resource keys (trb_gather_*, trb_generation_*) are the base's."
     )
     block = [
         *(f"# {line}" for line in textwrap.wrap(comment, width=_LINE_LENGTH - 2)),
@@ -222,7 +276,7 @@ def render_point(base_text: str, point: SweepPoint, *, name: str, base_path: str
 
     header = [
         f"# Generated by `trb-trl sweep` from {base_path}: regenerate rather than edit.",
-        f"# Point {point.name} of the TRB paper's sweep grid (arXiv 2605.31159, Appendix A.2; trb_trl/sweep.py).",
+        f"# Point {point.name} of {PAPER_GRIDS[method].source}.",
         "# Identical to the base recipe except the method block and output_dir / run_name: same loss, budget, seed and",
         "# data as every other point of the sweep.",
         "#",
@@ -276,7 +330,8 @@ def write_sweep(
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="Write the TRB paper's sweep grid (arXiv 2605.31159, Appendix A.2) as recipes: one YAML per "
+        description="Write the papers' sweep grids (TRB: arXiv 2605.31159, Appendix A.2; TrOPD's ablation: arXiv "
+        "2606.01249) as recipes: one YAML per "
         "point, each the base RECIPE with its method keys replaced and output_dir / run_name named for the point. "
         "Points per method: " + ", ".join(f"{method} {len(method_points(method))}" for method in PAPER_GRIDS) + ".",
     )

@@ -7,6 +7,8 @@ from .schedules import KL_BUDGET_SCHEDULES
 
 # Where rollout prefixes come from during warmup; after it, every policy hands back to the parent's rollout.
 ROLLOUT_POLICIES = ("trb", "fixed_epsilon", "skd", "temperature", "student")
+# How trust-region rollouts are sampled: the logits processor (reference) or the speculative engine (same law).
+ROLLOUT_ENGINES = ("processor", "speculative")
 # The paper's system prompt (the Qwen3 recipes' `system_prompt`), which in-training evaluation prompts carry.
 PAPER_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -54,6 +56,21 @@ class TRBDistillConfig(DistillationConfig):
             Before training on GPU, estimate the rollout memory (both models' weights as held during the rollout,
             both KV caches, the student's training-state shard) against the device: `"error"` raises if it cannot fit
             and warns above 90%, `"warn"` only warns, `"off"` skips the check.
+        trb_rollout_engine (`str`, *optional*, defaults to `"processor"`):
+            How trust-region rollouts are sampled. `"processor"`: a logits processor inside `generate`, the teacher
+            decoding one token per step next to the student (the reference). `"speculative"`: the same distribution,
+            exactly, by speculative sampling: the student drafts `trb_draft_length` tokens, the teacher scores the
+            block in one forward and each draft is accepted with probability min(1, mu*/pi_S) (docs/performance.md;
+            HF `generate` settings limited to sampling/greedy, temperature, top-k/top-p/min-p and token bans).
+        trb_draft_length (`int`, *optional*, defaults to `8`):
+            `"speculative"` only: gamma, the number of student tokens drafted per teacher forward. At acceptance
+            alpha (>= 1 - sqrt(epsilon / 2)) a round emits (1 - alpha^(gamma + 1)) / (1 - alpha) tokens per sequence
+            for gamma + 1 student forwards and one teacher forward; rejected drafts stay (masked) in both KV caches.
+        trb_adaptive_draft_length (`bool`, *optional*, defaults to `False`):
+            `"speculative"` only: choose gamma (at most `trb_draft_length`) every round to maximise expected tokens
+            per unit of cost, from the acceptance measured during the rollout and the teacher/student parameter
+            ratio (the cost ratio of memory-bound decoding). Larger gamma as epsilon anneals and acceptance rises;
+            still exact, and deterministic given the seed.
 
         > Parameters that control SKD's interleaved teacher injection (`"skd"`)
 
@@ -90,6 +107,16 @@ class TRBDistillConfig(DistillationConfig):
             responses to exactly the prompts of the first `sft_warmup_steps` OPD steps (one teacher response in
             place of each of their rollouts, so as many sequences per step as OPD), then run OPD from the result.
             `0` disables it. The paper uses 15, 25 and 50 with the OPD learning rate. Run by `trb-trl train`.
+
+        > Parameters that control the loss
+
+        loss_top_k (`int`, *optional*):
+            Compare the two models on the student's top-k tokens only, each distribution renormalised over them (the
+            TRB paper trains every method with reverse KL over the student's top-16 support, "source = actor").
+            The divergence is TRL's generalized JSD with `beta` on that support (`beta=1.0`: the paper's reverse
+            KL); the stop alignment and Veto's target apply as in the full-vocabulary loss. The loss keeps k values
+            per token instead of comparing two (tokens x V) tiles (memory and time: docs/performance.md). `None`
+            (the default) keeps TRL's full-vocabulary divergence.
 
         > Parameters that control in-training math evaluation
 
@@ -169,6 +196,29 @@ class TRBDistillConfig(DistillationConfig):
             "choices": ["error", "warn", "off"],
         },
     )
+    trb_rollout_engine: str = field(
+        default="processor",
+        metadata={
+            "help": "How trust-region rollouts are sampled: 'processor' (a logits processor in generate, the teacher "
+            "one token per step; the reference) or 'speculative' (the same distribution exactly: the student drafts "
+            "trb_draft_length tokens, the teacher verifies each block in one forward).",
+            "choices": list(ROLLOUT_ENGINES),
+        },
+    )
+    trb_draft_length: int = field(
+        default=8,
+        metadata={
+            "help": "Speculative engine: student tokens drafted per teacher forward (gamma); the largest gamma with "
+            "trb_adaptive_draft_length."
+        },
+    )
+    trb_adaptive_draft_length: bool = field(
+        default=False,
+        metadata={
+            "help": "Speculative engine: choose gamma <= trb_draft_length each round from the measured acceptance "
+            "and the teacher/student parameter ratio (expected tokens per unit of memory-bound cost)."
+        },
+    )
 
     rollout_policy: str = field(
         default="trb",
@@ -221,6 +271,13 @@ class TRBDistillConfig(DistillationConfig):
         metadata={
             "help": "SFT warmup: supervised steps on teacher responses to the prompts of the first N OPD steps, "
             "run before OPD by `trb-trl train`; 0 disables it (paper: 15, 25, 50)."
+        },
+    )
+    loss_top_k: int | None = field(
+        default=None,
+        metadata={
+            "help": "Divergence over the student's top-k tokens, both distributions renormalised there (the TRB "
+            "paper: reverse KL, k=16); None keeps TRL's full-vocabulary divergence."
         },
     )
     math_eval_benchmarks: list[str] | None = field(
@@ -304,6 +361,7 @@ class TRBDistillConfig(DistillationConfig):
                 f"trb_memory_preflight must be 'error', 'warn' or 'off', got {self.trb_memory_preflight!r}."
             )
         self._check_policy_fields()
+        self._check_rollout_engine_fields()
         self._check_math_eval_fields()
         if self.uses_trust_region or self.rollout_policy in ("skd", "temperature"):
             active = "trb_epsilon > 0" if self.uses_trust_region else f"rollout_policy={self.rollout_policy!r}"
@@ -344,8 +402,49 @@ class TRBDistillConfig(DistillationConfig):
                 "veto_beta_start > 0 decays over the whole run, which needs max_steps > 0; set max_steps or "
                 "veto_decay_steps."
             )
+        if self.loss_top_k is not None and (not isinstance(self.loss_top_k, int) or self.loss_top_k < 1):
+            raise ValueError(
+                f"loss_top_k must be an integer >= 1 (the student's top-k support) or None, got {self.loss_top_k}."
+            )
         if not isinstance(self.sft_warmup_steps, int) or self.sft_warmup_steps < 0:
             raise ValueError(f"sft_warmup_steps must be an integer >= 0 (0 disables it), got {self.sft_warmup_steps}.")
+
+    def _check_rollout_engine_fields(self) -> None:
+        """The speculative engine samples the trust-region blend with HF models only, with plain sampling."""
+        if self.trb_rollout_engine not in ROLLOUT_ENGINES:
+            raise ValueError(
+                f"trb_rollout_engine must be one of {list(ROLLOUT_ENGINES)}, got {self.trb_rollout_engine!r}."
+            )
+        if not isinstance(self.trb_draft_length, int) or self.trb_draft_length < 1:
+            raise ValueError(
+                f"trb_draft_length must be an integer >= 1 (tokens drafted per round), got {self.trb_draft_length}."
+            )
+        if self.trb_rollout_engine != "speculative":
+            return
+        if not self.uses_trust_region:
+            raise ValueError(
+                "trb_rollout_engine='speculative' samples the trust-region blend, so it needs rollout_policy 'trb' or "
+                f"'fixed_epsilon' with trb_epsilon > 0 (got rollout_policy={self.rollout_policy!r}, trb_epsilon="
+                f"{self.trb_epsilon}). Use trb_rollout_engine='processor'."
+            )
+        if self.use_vllm:
+            raise ValueError(
+                "trb_rollout_engine='speculative' drafts with the HF student, not with vLLM; set use_vllm=False or "
+                "use trb_rollout_engine='processor'."
+            )
+        generation_kwargs = self.generation_kwargs or {}
+        num_beams = generation_kwargs.get("num_beams", 1) or 1
+        if num_beams > 1:
+            raise ValueError(
+                f"trb_rollout_engine='speculative' samples (or decodes greedily); it does not support beam search "
+                f"(generation_kwargs num_beams={num_beams})."
+            )
+        repetition_penalty = generation_kwargs.get("repetition_penalty", self.repetition_penalty)
+        if repetition_penalty not in (None, 1.0):
+            raise ValueError(
+                f"trb_rollout_engine='speculative' does not support repetition_penalty={repetition_penalty} (a logits "
+                "processor it does not reproduce); set it to 1.0 or use trb_rollout_engine='processor'."
+            )
 
     def _check_math_eval_fields(self) -> None:
         """One clear error per invalid in-training evaluation value; benchmark names are resolved here, so a typo fails

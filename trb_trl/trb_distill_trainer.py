@@ -9,12 +9,15 @@ from transformers.utils import logging
 
 from ._compat import DistillationTrainer, divergence_function_replaced
 from .losses.stop_aligned_divergence import stop_aligned_divergence_loss
+from .losses.top_k_divergence import top_k_divergence_loss
 from .memory_preflight import check_rollout_memory, count_parameters, estimate_rollout_memory
 from .rollout import (
+    SPECULATIVE_METRICS,
     TEACHER_INJECTION_METRICS,
     TRUST_REGION_METRICS,
     RolloutStatistics,
     RolloutTemperatureProcessor,
+    SpeculativeBlendingSampler,
     TeacherInjectionProcessor,
     TrustRegionBlendingProcessor,
     output_vocab_size,
@@ -164,6 +167,8 @@ class TRBDistillTrainer(DistillationTrainer):
         args = self.args
         if args.uses_trust_region:
             metrics, prefix, histogram = TRUST_REGION_METRICS, "trb", (lambda s: s["beta"])
+            if args.trb_rollout_engine == "speculative":
+                metrics = TRUST_REGION_METRICS + SPECULATIVE_METRICS
         elif args.rollout_policy == "skd":
             metrics, prefix, histogram = TEACHER_INJECTION_METRICS, "skd", None
         else:
@@ -277,8 +282,20 @@ class TRBDistillTrainer(DistillationTrainer):
             "teacher_eos_token_id": self._trb_teacher_eos_token_ids,
         }
 
-    def _trust_region_processor(self, teacher, attention_mask, *, epsilon: float) -> TrustRegionBlendingProcessor:
-        return TrustRegionBlendingProcessor(teacher, epsilon, **self._teacher_guided_kwargs(attention_mask))
+    def _trust_region_processor(
+        self, teacher, attention_mask, *, epsilon: float
+    ) -> TrustRegionBlendingProcessor | SpeculativeBlendingSampler:
+        kwargs = self._teacher_guided_kwargs(attention_mask)
+        if self.args.trb_rollout_engine == "speculative":  # the same law, run by `_warmup_rollout` instead of generate
+            kwargs.pop("prompt_attention_mask")
+            return SpeculativeBlendingSampler(
+                teacher,
+                epsilon,
+                draft_length=self.args.trb_draft_length,
+                adaptive_draft_length=self.args.trb_adaptive_draft_length,
+                **kwargs,
+            )
+        return TrustRegionBlendingProcessor(teacher, epsilon, **kwargs)
 
     def _teacher_injection_processor(self, teacher, attention_mask) -> TeacherInjectionProcessor:
         config = self.generation_config
@@ -315,19 +332,28 @@ class TRBDistillTrainer(DistillationTrainer):
         if self.args.veto_beta_start > 0 and self.model.training:
             veto = self.veto_beta_at(self.state.global_step)
             self._metrics["train"]["veto/beta"].append(veto)
-        if self._trb_stop_alignment is None and veto == 0.0:
+        if self.args.loss_top_k is not None:
+            divergence = functools.partial(
+                top_k_divergence_loss,
+                top_k=self.args.loss_top_k,
+                alignment=self._trb_stop_alignment,
+                veto_weight=veto,
+            )
+        elif self._trb_stop_alignment is None and veto == 0.0:
             return super()._compute_loss(unwrapped_student, inputs, num_items_in_batch)
-        divergence = functools.partial(
-            stop_aligned_divergence_loss, alignment=self._trb_stop_alignment, veto_weight=veto
-        )
+        else:
+            divergence = functools.partial(
+                stop_aligned_divergence_loss, alignment=self._trb_stop_alignment, veto_weight=veto
+            )
         with divergence_function_replaced(divergence):
             return super()._compute_loss(unwrapped_student, inputs, num_items_in_batch)
 
     @contextlib.contextmanager
     def _warmup_rollout(self, make_processor, uses_teacher: bool):
         """Run the parent's HF `generate` path with the policy's processor appended to its processors (a fresh one per
-        `generate` call). A teacher-guided policy gets the teacher gathered for the rollout (ZeRO-3), its cache freed
-        after each call and its per-token statistics folded in."""
+        `generate` call), or, for the speculative engine, the engine in place of `generate`. A teacher-guided policy
+        gets the teacher gathered for the rollout (ZeRO-3), its cache freed after each call and its per-token
+        statistics folded in."""
         student = self.accelerator.unwrap_model(self.model_wrapped)
         use_vllm, self.use_vllm = self.use_vllm, False  # the policies run inside transformers' generate
         shadowed = student.__dict__.get("generate")
@@ -336,6 +362,8 @@ class TRBDistillTrainer(DistillationTrainer):
         # A teacher left sharded under ZeRO-3 needs collectives in its forward, so it must step wherever the student
         # steps (finished ranks included), not in the logits processor, which `synced_gpus` skips on finished ranks.
         step_with_student = uses_teacher and self._dist.is_zero3 and not gather
+        # The speculative engine has no per-step hook: with a sharded model it keeps every rank's rounds in step.
+        synced = step_with_student or (self._dist.is_zero3 and not self.args.ds3_gather_for_generation)
         hook_target = student.get_base_model() if hasattr(student, "get_base_model") else student
         teacher_context = (
             gathered_without_hooks(self.teacher_model, self.accelerator, gather=gather)
@@ -347,6 +375,18 @@ class TRBDistillTrainer(DistillationTrainer):
 
                 def generate_with_policy(*args, **kwargs):
                     processor = make_processor(teacher, kwargs.get("attention_mask"))
+                    if isinstance(processor, SpeculativeBlendingSampler):
+                        processor.synced = synced
+                        try:
+                            sequences = processor.generate(student, *args, **kwargs)
+                        finally:
+                            processor.release()
+                        self._rollout_statistics.add(
+                            processor.statistics(),
+                            teacher_seconds=processor.teacher_seconds,
+                            step=self.state.global_step,
+                        )
+                        return sequences
                     processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
                     processors.append(processor)
                     if step_with_student:

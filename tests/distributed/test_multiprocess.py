@@ -23,6 +23,19 @@ CASES = {
     "zero3_sharded_teacher": (HERE / "zero3_strict_cpu.yaml", ["--gather-teacher", "false"], 3),
     # SKD consults the teacher at every token too: the same hazard, the same sharded-teacher path.
     "zero3_sharded_teacher_skd": (HERE / "zero3_strict_cpu.yaml", ["--gather-teacher", "false", "--policy", "skd"], 3),
+    # TrOPD with TRB warmup: teacher prefixes of rank-specific lengths from the sharded teacher (synced `generate`),
+    # TRB continuations, and TrOPD's loss with both lm_heads sharded.
+    "zero3_sharded_teacher_tropd": (
+        HERE / "zero3_strict_cpu.yaml",
+        ["--gather-teacher", "false", "--policy", "tropd"],
+        3,
+    ),
+    # The speculative engine with a sharded teacher: every rank runs the same number of draft/verify rounds.
+    "zero3_sharded_teacher_speculative": (
+        HERE / "zero3_strict_cpu.yaml",
+        ["--gather-teacher", "false", "--engine", "speculative"],
+        3,
+    ),
     "zero2": (HERE / "zero2_cpu.yaml", [], 2),
     # Rank 0 also runs the rollout hook twice per generation, as TRL's tool loop does on a rank with tool calls:
     # the parent has no collective there, so TRB must not add one.
@@ -79,9 +92,11 @@ def test_uneven_rollouts_finish_and_stay_in_sync(results, case):
     assert process.returncode == 0, f"{case} failed or hung:\n{process.stderr[-6000:]}"
     assert len(ranks) == 2 and all(r["world_size"] == 2 for r in ranks)
     assert all(r["zero_stage"] == CASES[case][2] for r in ranks)
-    # The lengths really were uneven: rank 0 stopped after a few tokens, rank 1 reached the limit.
-    assert max(max(step) for step in ranks[0]["completion_lengths"]) <= 3
-    assert max(max(step) for step in ranks[1]["completion_lengths"]) == 12
+    # The lengths really were uneven: rank 0 stopped after a few tokens, rank 1 reached the limit (with TrOPD, from
+    # step 2 on, when the teacher prefixes have annealed to none).
+    steps = slice(2, None) if case.endswith("_tropd") else slice(None)
+    assert max(max(step) for step in ranks[0]["completion_lengths"][steps]) <= 3
+    assert max(max(step) for step in ranks[1]["completion_lengths"][steps]) == 12
     # Training kept the replicas identical.
     assert ranks[0]["param_digest"] == ranks[1]["param_digest"]
 
@@ -116,12 +131,18 @@ def test_rollout_metrics_are_reduced_across_ranks(results, case):
                 assert entry["trb/kl_to_student/max"] <= entry["trb/epsilon"] * (1 + 1e-3) + 2e-5
         assert all(f"{prefix}rollout_teacher_seconds" not in entry for entry in rank["logs"][2:])
     for a, b in zip(ranks[0]["logs"], ranks[1]["logs"], strict=True):  # every rank logs the same reduced values
-        assert {k: v for k, v in a.items() if k.startswith(prefix) and "seconds" not in k} == pytest.approx(
-            {k: v for k, v in b.items() if k.startswith(prefix) and "seconds" not in k}
-        )
+        for start in (prefix, "tropd/"):
+            assert {k: v for k, v in a.items() if k.startswith(start) and "seconds" not in k} == pytest.approx(
+                {k: v for k, v in b.items() if k.startswith(start) and "seconds" not in k}
+            )
+    if case.endswith("_tropd"):
+        logs = ranks[0]["logs"]
+        assert [entry["tropd/prefix_max_length"] for entry in logs] == [12, 6, 0]
+        assert logs[0]["tropd/prefix_fraction"] > 0 and logs[2]["tropd/prefix_fraction"] == 0
+        assert all(0 <= entry.get("tropd/trust_fraction", 0) <= 1 for entry in logs)
 
 
-@pytest.mark.parametrize("case", ["zero3_sharded_teacher", "zero3_sharded_teacher_skd"])
+@pytest.mark.parametrize("case", [case for case in CASES if case.startswith("zero3_sharded")])
 def test_sharded_teacher_steps_with_the_student_on_every_rank(results, case):
     _, ranks = results[case]
     forwards = [[r["teacher_forwards"] for r in rank["local_rollouts"]] for rank in ranks]
@@ -135,7 +156,8 @@ def test_teacher_path_does_not_change_the_result(results):
     assert gathered[0]["completion_lengths"] == sharded[0]["completion_lengths"]
 
 
-@pytest.mark.parametrize("case", [case for case in CASES if not case.endswith("_skd")])  # SKD draws its own tokens
+# SKD draws its own tokens; TrOPD's greedy rollout starts with a teacher prefix.
+@pytest.mark.parametrize("case", [case for case in CASES if not case.endswith(("_skd", "_tropd"))])
 def test_rollouts_equal_the_single_process_rollout(results, models, case):
     """A greedy TRB rollout on each rank equals the same rollout in one plain process."""
     import torch

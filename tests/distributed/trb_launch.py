@@ -1,6 +1,7 @@
 """Launched by tests/distributed/test_multiprocess.py under `accelerate launch` (2 processes, CPU, gloo).
 
-Trains TRB (or SKD, `--policy skd`) for a few steps on the tiny pair and writes what each rank saw to
+Trains TRB (or SKD, `--policy skd`; or TrOPD with TRB warmup and teacher-prefix guidance, `--policy tropd`) for a few
+steps on the tiny pair and writes what each rank saw to
 OUT/rank{N}.json. With `--uneven`, rank 0's rollouts are forced to stop after two tokens while rank 1's run to the
 length limit, the case that deadlocks a sharded teacher stepped from a logits processor under `synced_gpus`. A hang
 dumps every rank's stack and exits.
@@ -19,7 +20,18 @@ def parse_args():
     parser = launched_script_parser(max_steps=3, hang_timeout=240)
     parser.add_argument("--uneven", action="store_true")
     parser.add_argument("--gather-teacher", choices=["true", "false"], default="true")
-    parser.add_argument("--policy", choices=["trb", "skd"], default="trb", help="The teacher-guided rollout policy.")
+    parser.add_argument(
+        "--policy",
+        choices=["trb", "skd", "tropd"],
+        default="trb",
+        help="The teacher-guided rollout policy ('tropd': TrOPDTrainer with TRB warmup and teacher prefixes).",
+    )
+    parser.add_argument(
+        "--engine",
+        choices=["processor", "speculative"],
+        default="processor",
+        help="How trust-region rollouts are sampled (trb_rollout_engine).",
+    )
     parser.add_argument(
         "--extra-rollout-on-rank0",
         action="store_true",
@@ -41,8 +53,8 @@ def main():
     from tiny_config import tiny_run_args
     from transformers import AutoTokenizer
 
-    from trb_trl import TRBDistillTrainer
-    from trb_trl.rollout import TeacherGuidedProcessor
+    from trb_trl import TRBDistillConfig, TRBDistillTrainer, TrOPDConfig, TrOPDTrainer
+    from trb_trl.rollout import SpeculativeBlendingSampler, TeacherGuidedProcessor
 
     if args.naive_teacher_step:
         TeacherGuidedProcessor.attach_to_student = lambda self, student: None
@@ -51,18 +63,26 @@ def main():
     models = Path(args.models)
     tokenizer = AutoTokenizer.from_pretrained(models / "tokenizer")
     prompts = Dataset.from_list([{"prompt": f"w{i} w{i + 1} w{i + 2} w{i % 7}"} for i in range(64)])
+    policy = {
+        "trb": {},
+        "skd": {"rollout_policy": "skd", "skd_top_k": 3, "skd_steps": 2},
+        # TRB warmup + TrOPD loss; teacher prefixes at steps 0 and 1 (their lengths differ across ranks).
+        "tropd": {"rollout_policy": "trb", "trb_epsilon": 0.05, "trb_warmup_steps": 2, "tropd_prefix_steps": 2},
+    }[args.policy]
     config = tiny_run_args(
         args.out,
+        TrOPDConfig if args.policy == "tropd" else TRBDistillConfig,
         trb_gather_teacher_for_generation=args.gather_teacher == "true",
         max_steps=args.max_steps,
         per_device_train_batch_size=2,
         max_completion_length=12,
         shuffle_dataset=False,
-        **({"rollout_policy": "skd", "skd_top_k": 3, "skd_steps": 2} if args.policy == "skd" else {}),
+        **policy,
+        **({"trb_rollout_engine": "speculative", "trb_draft_length": 4} if args.engine == "speculative" else {}),
     )
 
     local_rollouts = []
-    trainer = TRBDistillTrainer(
+    trainer = (TrOPDTrainer if args.policy == "tropd" else TRBDistillTrainer)(
         model=str(models / "student"),
         teacher_model=str(models / "teacher"),
         args=config,
@@ -72,12 +92,14 @@ def main():
 
     # Record what each `generate` call contributes on this rank, as the trainer folds it into its statistics.
     original_add = trainer._rollout_statistics.add
-    original_statistics = TeacherGuidedProcessor.statistics
     forwards = {}
 
-    def record_forwards(self, *a, **k):
-        forwards["last"] = self.teacher_forwards
-        return original_statistics(self, *a, **k)
+    def recording_forwards(original_statistics):
+        def record_forwards(self, *a, **k):
+            forwards["last"] = self.teacher_forwards
+            return original_statistics(self, *a, **k)
+
+        return record_forwards
 
     def record_add(statistics, *, teacher_seconds, step):
         local_rollouts.append(
@@ -90,7 +112,8 @@ def main():
         )
         return original_add(statistics, teacher_seconds=teacher_seconds, step=step)
 
-    TeacherGuidedProcessor.statistics = record_forwards
+    for rollout_class in (TeacherGuidedProcessor, SpeculativeBlendingSampler):
+        rollout_class.statistics = recording_forwards(rollout_class.statistics)
     trainer._rollout_statistics.add = record_add
 
     guard_against_hangs(args.hang_timeout, setup=False)

@@ -21,14 +21,15 @@ from dataclasses import dataclass
 import torch
 
 from ..stop_alignment import StopAlignment
+from .projection import TILE_ELEMENTS, back_project, full_lm_head, row_chunks
+from .projection import aligned_logprobs as _aligned_logprobs
+from .projection import project as _project
+from .projection import transform as _transform
 from .veto import veto_target_logprobs
 
 
-# Logit given to merged stop ids in the loss: exactly zero probability in float32 while every log-prob stays finite,
-# so no 0 * inf appears in the divergence or its gradient.
-_MERGED_LOGIT = -1.0e30
-# Elements of one (tokens x vocab) float32 tile: ~128 MiB, about 220 tokens at V = 151,936.
-_TILE_ELEMENTS = 2**25
+# Elements of one (tokens x vocab) float32 tile (see `projection.TILE_ELEMENTS`); a test shrinks it to force tiles.
+_TILE_ELEMENTS = TILE_ELEMENTS
 
 
 @dataclass(frozen=True)
@@ -62,36 +63,11 @@ def per_token_divergence(student_logprobs: torch.Tensor, teacher_logprobs: torch
     return beta * teacher_term + (1 - beta) * student_term
 
 
-def _project(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`hidden @ weight.T + bias` with float32 output, without rounding low-precision logits first."""
-    if weight.dtype == torch.float32:
-        logits = hidden.float() @ weight.t()
-    elif hidden.is_cuda:
-        logits = torch.mm(hidden.to(weight.dtype), weight.t(), out_dtype=torch.float32)
-    else:  # CPU low precision: upcast one vocabulary slice of the weight at a time
-        step = max(1, _TILE_ELEMENTS // max(1, weight.shape[1]))
-        logits = torch.cat([hidden.float() @ weight[i : i + step].float().t() for i in range(0, len(weight), step)], 1)
-    return logits if bias is None else logits + bias.float()
-
-
-def _transform(logits: torch.Tensor, scale: float, softcap: float | None, temperature: float) -> torch.Tensor:
-    logits = logits * scale
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
-    return logits / temperature
-
-
 def _teacher_logits(hidden, weight, bias, vocab_size: int, spec: "DivergenceSpec") -> torch.Tensor:
     """The teacher's transformed logits over the student's `vocab_size` rows (extra padded rows are cut)."""
     bias = None if bias is None else bias[:vocab_size]
     logits = _project(hidden, weight[:vocab_size], bias)
     return _transform(logits, spec.teacher_logit_scale, spec.teacher_softcap, spec.temperature)
-
-
-def _aligned_logprobs(logits: torch.Tensor, alignment: StopAlignment | None) -> torch.Tensor:
-    if alignment is None:
-        return torch.log_softmax(logits, dim=-1)
-    return torch.log_softmax(alignment.apply(logits, fill=_MERGED_LOGIT), dim=-1)
 
 
 def _target_logprobs(teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor, spec: "DivergenceSpec"):
@@ -102,8 +78,7 @@ def _target_logprobs(teacher_logprobs: torch.Tensor, student_logprobs: torch.Ten
 
 
 def _chunks(num_tokens: int, vocab_size: int):
-    size = max(1, _TILE_ELEMENTS // max(1, vocab_size))
-    return [slice(start, min(start + size, num_tokens)) for start in range(0, num_tokens, size)]
+    return row_chunks(num_tokens, vocab_size, _TILE_ELEMENTS)
 
 
 class _StopAlignedDivergence(torch.autograd.Function):
@@ -170,7 +145,7 @@ class _StopAlignedDivergence(torch.autograd.Function):
                     (grad_logits,) = torch.autograd.grad(divergence, projected, grad_divergence[rows].float())
                 hidden = student_hidden[rows]
                 if grad_hidden is not None:
-                    grad_hidden[rows] = grad_logits.to(student_weight.dtype).matmul(student_weight).float()
+                    grad_hidden[rows] = back_project(grad_logits, student_weight)
                 if grad_weight is not None:
                     grad_weight.addmm_(grad_logits.t(), hidden.float())
                 if grad_bias is not None:
@@ -210,14 +185,13 @@ def stop_aligned_divergence_loss(
     Veto's target when `veto_weight > 0`. See the module docstring."""
     if not (isinstance(veto_weight, int | float) and math.isfinite(veto_weight)) or veto_weight < 0:
         raise ValueError(f"veto_weight must be a finite number >= 0 (0 disables Veto), got {veto_weight}.")
-    if isinstance(student_lm_head_weight, torch.distributed.tensor.DTensor):  # FSDP2: gather once, as TRL does
-        student_lm_head_weight = student_lm_head_weight.full_tensor().to(student_hidden_states.dtype)
-        if student_lm_head_bias is not None:
-            student_lm_head_bias = student_lm_head_bias.full_tensor()
-    if isinstance(teacher_lm_head_weight, torch.distributed.tensor.DTensor):
-        teacher_lm_head_weight = teacher_lm_head_weight.full_tensor().to(teacher_hidden_states.dtype)
-        if teacher_lm_head_bias is not None:
-            teacher_lm_head_bias = teacher_lm_head_bias.full_tensor()
+    # FSDP2: gather each head once, as TRL does
+    student_lm_head_weight, student_lm_head_bias = full_lm_head(
+        student_lm_head_weight, student_lm_head_bias, student_hidden_states.dtype
+    )
+    teacher_lm_head_weight, teacher_lm_head_bias = full_lm_head(
+        teacher_lm_head_weight, teacher_lm_head_bias, teacher_hidden_states.dtype
+    )
     spec = DivergenceSpec(
         alignment=alignment,
         beta=float(beta),

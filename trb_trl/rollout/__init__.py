@@ -5,9 +5,13 @@ the per-token statistics they report.
 - `teacher_guided.py`: what teacher-guided processors share (vocabulary, stop alignment, finished rows, records).
 - `trust_region.py`: TRB and fixed-epsilon blending. `teacher_injection.py`: SKD. `temperature.py`: temperature
   warmup.
+- `teacher_prefix.py`: teacher-generated prefixes (TrOPD's off-policy guidance).
+- `speculative.py`: the speculative engine, sampling exactly what the trust-region processor samples with the
+  student drafting blocks and the teacher verifying each in one forward.
 - `statistics.py`: the per-token statistics and their one cross-process reduction per logged step.
 """
 
+from .speculative import SPECULATIVE_METRICS, Drafter, SpeculativeBlendingSampler, StudentDrafter
 from .statistics import RolloutStatistics, TokenMetric
 from .teacher import TeacherStepper, output_vocab_size
 from .teacher_guided import TeacherGuidedProcessor
@@ -17,10 +21,14 @@ from .trust_region import TRUST_REGION_METRICS, TrustRegionBlendingProcessor
 
 
 __all__ = [
+    "SPECULATIVE_METRICS",
     "TEACHER_INJECTION_METRICS",
     "TRUST_REGION_METRICS",
     "RolloutStatistics",
+    "Drafter",
     "RolloutTemperatureProcessor",
+    "SpeculativeBlendingSampler",
+    "StudentDrafter",
     "TeacherGuidedProcessor",
     "TeacherInjectionProcessor",
     "TeacherStepper",

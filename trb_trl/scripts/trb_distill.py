@@ -17,6 +17,11 @@ trb-trl train recipes/qwen3_1p7b.yaml --trb_epsilon 0.01 --trb_warmup_steps 25
 trb-trl train recipes/qwen3_1p7b_opd.yaml --sft_warmup_steps 25
 ```
 
+# TrOPD (trust-region K1 with outlier FKL and teacher-prefix guidance): the recipe sets `trainer: tropd`
+```bash
+trb-trl train recipes/qwen3_1p7b_tropd.yaml
+```
+
 # Tiny CPU run on locally built models (no GPU, no Hub)
 ```bash
 python scripts/make_tiny_models.py outputs/tiny && trb-trl train recipes/tiny_cpu.yaml
@@ -45,6 +50,9 @@ class TRBScriptArguments(ScriptArguments):
     Script arguments for `trb_distill.py`: TRL's [`~trl.ScriptArguments`] plus how prompts are read.
 
     Parameters:
+        trainer (`str`, *optional*, defaults to `"trb"`):
+            `"trb"`: [`TRBDistillTrainer`] with a [`TRBDistillConfig`]. `"tropd"`: [`TrOPDTrainer`] with a
+            [`TrOPDConfig`] (its `tropd_*` options become available). Read before the other options are parsed.
         dataset_name (`str`, *optional*):
             Hub dataset name, or a local `.jsonl` / `.json` / `.parquet` / `.csv` prompt file.
         prompt_column (`str`, *optional*, defaults to `"prompt"`):
@@ -66,6 +74,14 @@ class TRBScriptArguments(ScriptArguments):
             copies of one prompt usually land in different optimizer steps (there is no per-prompt group here).
     """
 
+    trainer: str = field(
+        default="trb",
+        metadata={
+            "help": "Which trainer runs: 'trb' (TRBDistillTrainer: TRL's loss, the warmup rollout policies) or "
+            "'tropd' (TrOPDTrainer: TrOPD's loss and teacher-prefix guidance, the tropd_* options).",
+            "choices": ["trb", "tropd"],
+        },
+    )
     prompt_column: str = field(default="prompt", metadata={"help": "Column holding the prompt (text or messages)."})
     system_prompt: str | None = field(default=None, metadata={"help": "System message prepended to every prompt."})
     dataset_domain: str | None = field(
@@ -173,8 +189,41 @@ def load_datasets(script_args, training_args, model_args, dataset_args):
     return train_dataset, eval_dataset
 
 
+def trainer_name(argv: list[str]) -> str:
+    """The `trainer` a command line asks for: `--trainer X`, else the recipe's `trainer` key, else `"trb"`. Read first,
+    because it decides which config class parses every other option."""
+    for index, arg in enumerate(argv):
+        if arg == "--trainer" and index + 1 < len(argv):
+            return argv[index + 1]
+        if arg.startswith("--trainer="):
+            return arg.split("=", 1)[1]
+    recipe = argv[argv.index("--config") + 1] if "--config" in argv[:-1] else None
+    if recipe is not None and Path(recipe).is_file():
+        import yaml
+
+        with open(recipe) as file:
+            config = yaml.safe_load(file) or {}
+        if isinstance(config, dict) and config.get("trainer") is not None:
+            return str(config["trainer"])
+    return "trb"
+
+
+def config_class(name: str):
+    """The config class of the named trainer."""
+    if name == "tropd":
+        from trb_trl.tropd_config import TrOPDConfig
+
+        return TrOPDConfig
+    if name == "trb":
+        return TRBDistillConfig
+    raise ValueError(f"trainer must be 'trb' or 'tropd', got {name!r}.")
+
+
 def main(script_args, training_args, model_args, dataset_args):
-    from trb_trl.trb_distill_trainer import TRBDistillTrainer
+    if script_args.trainer == "tropd":
+        from trb_trl.tropd_trainer import TrOPDTrainer as trainer_class
+    else:
+        from trb_trl.trb_distill_trainer import TRBDistillTrainer as trainer_class
 
     if training_args.teacher_model_name_or_path is None:
         raise ValueError("A teacher model is required. Set `teacher_model_name_or_path` in the recipe or CLI.")
@@ -210,7 +259,7 @@ def main(script_args, training_args, model_args, dataset_args):
         student = run_sft_warmup(student, train_dataset, training_args)
         PartialState().print(f"OPD (phase 2 of 2): on-policy distillation from the SFT-warmed student in {student}")
 
-    trainer = TRBDistillTrainer(
+    trainer = trainer_class(
         model=student,
         teacher_model=training_args.teacher_model_name_or_path,
         args=training_args,
@@ -231,17 +280,22 @@ def main(script_args, training_args, model_args, dataset_args):
     return trainer
 
 
-def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str | None = None):
-    dataclass_types = (TRBScriptArguments, TRBDistillConfig, ModelConfig, DatasetMixtureConfig)
+def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str | None = None, trainer: str = "trb"):
+    dataclass_types = (TRBScriptArguments, config_class(trainer), ModelConfig, DatasetMixtureConfig)
     if subparsers is not None:
         return subparsers.add_parser("train", help="Run TRB distillation", dataclass_types=dataclass_types)
     return TrlParser(dataclass_types, prog=prog)
 
 
 if __name__ == "__main__":
+    import sys
+
     from torch.distributed.elastic.multiprocessing.errors import record
 
-    parser = make_parser()
+    try:
+        parser = make_parser(trainer=trainer_name(sys.argv[1:]))
+    except ValueError as error:
+        raise SystemExit(f"trb-trl: error: {error}") from None
     try:
         script_args, training_args, model_args, dataset_args = parser.parse_args_and_config(
             fail_with_unknown_args=False

@@ -1,0 +1,186 @@
+from dataclasses import dataclass, field
+
+from .rollout.teacher_prefix import PREFIX_SAMPLING
+from .trb_distill_config import ROLLOUT_POLICIES, TRBDistillConfig, _is_finite
+
+
+TROPD_OBJECTIVES = ("trust_region", "k1", "fkl", "jsd")
+TROPD_OUTLIERS = ("fkl", "mask", "clip")
+TROPD_OUTLIER_DETECTIONS = ("adaptive", "threshold")
+
+
+@dataclass
+class TrOPDConfig(TRBDistillConfig):
+    r"""
+    Configuration class for the [`TrOPDTrainer`].
+
+    Extends [`TRBDistillConfig`] with TrOPD (Trust Region On-Policy Distillation, arXiv 2606.01249): the per-token
+    signal on student tokens is the K1 reward log pi_T(x) - log pi_S(x) inside an adaptive trust region, outliers get a
+    top-k forward KL, and early training is guided by teacher prefixes. The rollout policies of the parent config
+    still choose where the student's tokens come from during warmup: `rollout_policy="trb"` is "TRB warmup + TrOPD
+    loss". The default here is `"student"` (the paper's on-policy rollouts). TRL's `beta` and `loss_top_k` do not apply
+    (the loss is TrOPD's).
+
+    Parameters:
+        > Parameters that choose the per-token objective on student tokens
+
+        tropd_objective (`str`, *optional*, defaults to `"trust_region"`):
+            `"trust_region"`: TrOPD; trusted tokens get the K1 policy-gradient term, outliers are handled by
+            `tropd_outlier`. `"k1"`: every token gets the K1 term (vanilla OPD, the paper's "OPD" row). `"fkl"`:
+            every token gets the top-k forward KL (the paper's "FKL alone", which collapses). `"jsd"`: the paper's
+            JSD baseline (top-k forward KL to the mixture plus K1 to the mixture on the sampled token, weight
+            `tropd_jsd_beta`).
+        tropd_outlier (`str`, *optional*, defaults to `"fkl"`):
+            What an outlier token gets (`"trust_region"` only): `"fkl"` the top-k forward KL
+            sum_{v in top-k(pi_T)} pi_T(v) log(pi_T(v) / pi_S(v)) (TrOPD's choice), `"mask"` no gradient, `"clip"` the
+            K1 term with its reward clipped from below at `tropd_threshold` (REOPOLD).
+        tropd_outlier_detection (`str`, *optional*, defaults to `"adaptive"`):
+            `"adaptive"`: a token is trusted with probability min(1, pi_T(x) / pi_S(x)) (a detached Bernoulli draw,
+            TrOPD's adaptive trust region). `"threshold"`: a token is an outlier when its reward is below
+            `tropd_threshold` (the static rule of the paper's Clip and Mask rows).
+        tropd_threshold (`float`, *optional*, defaults to `-5.0`):
+            tau, in nats of log(pi_T / pi_S): the clip level of `"clip"` and the cut of `"threshold"` detection. The
+            paper does not give its value; -5 flags tokens the teacher finds ~150x less likely than the student.
+        tropd_top_k (`int`, *optional*, defaults to `64`):
+            k of the teacher's top-k support of the forward KL (paper: 64). Memory is O(tokens x k).
+        tropd_jsd_beta (`float`, *optional*, defaults to `0.5`):
+            Mixture weight of the `"jsd"` objective, pi_M = beta pi_T + (1 - beta) pi_S (paper: 0.5).
+
+        > Parameters that control the off-policy guidance (teacher prefixes)
+
+        tropd_guidance (`bool`, *optional*, defaults to `True`):
+            Start training trajectories with a teacher-generated prefix of length l, continued by the student; prefix
+            tokens get `tropd_guidance_weight` x the student's NLL of the teacher's token, continuation tokens the
+            objective above. `False` trains fully on-policy (the paper's rows without guidance).
+        tropd_guidance_weight (`float`, *optional*, defaults to `0.001`):
+            beta of the prefix imitation term (paper: 1e-3).
+        tropd_prefix_max_length (`int`, *optional*):
+            Longest prefix at step 0; `None` uses `max_completion_length` (the paper: the maximum sequence length, so
+            early samples may be whole teacher responses).
+        tropd_prefix_steps (`int`, *optional*):
+            Step at which the longest prefix reaches 0 (cosine anneal); `None` anneals over the whole run
+            (`max_steps`), as the paper does.
+        tropd_prefix_sampling (`str`, *optional*, defaults to `"uniform"`):
+            How each sample's prefix length is drawn from the current maximum l_max (the paper does not say):
+            `"uniform"` on {0, ..., l_max}, or `"max"` (always l_max).
+    """
+
+    rollout_policy: str = field(
+        default="student",
+        metadata={
+            "help": "Where student tokens come from during warmup: 'student' (on-policy, TrOPD's setting), or a "
+            "warmup policy of TRBDistillConfig ('trb' for TRB warmup + TrOPD loss).",
+            "choices": list(ROLLOUT_POLICIES),
+        },
+    )
+    tropd_objective: str = field(
+        default="trust_region",
+        metadata={
+            "help": "Per-token objective on student tokens: 'trust_region' (TrOPD), 'k1' (vanilla OPD), 'fkl' (top-k "
+            "forward KL everywhere) or 'jsd' (the paper's JSD baseline).",
+            "choices": list(TROPD_OBJECTIVES),
+        },
+    )
+    tropd_outlier: str = field(
+        default="fkl",
+        metadata={
+            "help": "Outlier tokens get: 'fkl' (top-k forward KL, TrOPD), 'mask' (no gradient) or 'clip' (K1 with the "
+            "reward clipped at tropd_threshold).",
+            "choices": list(TROPD_OUTLIERS),
+        },
+    )
+    tropd_outlier_detection: str = field(
+        default="adaptive",
+        metadata={
+            "help": "Outliers: 'adaptive' (trusted with probability min(1, pi_T/pi_S)) or 'threshold' (reward below "
+            "tropd_threshold).",
+            "choices": list(TROPD_OUTLIER_DETECTIONS),
+        },
+    )
+    tropd_threshold: float = field(
+        default=-5.0,
+        metadata={"help": "tau in nats of log(pi_T/pi_S): clip level and threshold-detection cut (not in the paper)."},
+    )
+    tropd_top_k: int = field(
+        default=64, metadata={"help": "k of the teacher's top-k support of the forward KL (paper: 64)."}
+    )
+    tropd_jsd_beta: float = field(
+        default=0.5, metadata={"help": "Mixture weight of the 'jsd' objective (paper: 0.5)."}
+    )
+    tropd_guidance: bool = field(
+        default=True,
+        metadata={"help": "Off-policy guidance: teacher prefixes continued by the student, annealed to none."},
+    )
+    tropd_guidance_weight: float = field(
+        default=1e-3, metadata={"help": "Weight of the student's NLL of teacher prefix tokens (paper: 1e-3)."}
+    )
+    tropd_prefix_max_length: int | None = field(
+        default=None,
+        metadata={"help": "Longest teacher prefix at step 0; None uses max_completion_length."},
+    )
+    tropd_prefix_steps: int | None = field(
+        default=None,
+        metadata={"help": "Step at which the cosine-annealed longest prefix reaches 0; None anneals over max_steps."},
+    )
+    tropd_prefix_sampling: str = field(
+        default="uniform",
+        metadata={
+            "help": "Per-sample prefix length: 'uniform' on {0..l_max} or 'max' (always l_max); not in the paper.",
+            "choices": list(PREFIX_SAMPLING),
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        choices = {
+            "tropd_objective": TROPD_OBJECTIVES,
+            "tropd_outlier": TROPD_OUTLIERS,
+            "tropd_outlier_detection": TROPD_OUTLIER_DETECTIONS,
+            "tropd_prefix_sampling": PREFIX_SAMPLING,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}.")
+        if not _is_finite(self.tropd_threshold) or self.tropd_threshold >= 0:
+            raise ValueError(
+                f"tropd_threshold must be a finite number < 0 (nats of log(pi_T/pi_S)), got {self.tropd_threshold}."
+            )
+        if not isinstance(self.tropd_top_k, int) or self.tropd_top_k < 1:
+            raise ValueError(f"tropd_top_k must be an integer >= 1 (the teacher's top-k), got {self.tropd_top_k}.")
+        if not (_is_finite(self.tropd_jsd_beta) and 0 < self.tropd_jsd_beta < 1):
+            raise ValueError(f"tropd_jsd_beta must be in (0, 1), got {self.tropd_jsd_beta}.")
+        if not (_is_finite(self.tropd_guidance_weight) and self.tropd_guidance_weight >= 0):
+            raise ValueError(f"tropd_guidance_weight must be a finite number >= 0, got {self.tropd_guidance_weight}.")
+        for name in ("tropd_prefix_max_length", "tropd_prefix_steps"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be an integer >= 1 or None, got {value}.")
+        if self.tropd_guidance and self.tropd_prefix_steps is None and self.max_steps <= 0:
+            raise ValueError(
+                "tropd_guidance anneals the teacher prefixes over the whole run, which needs max_steps > 0; set "
+                "max_steps or tropd_prefix_steps (or tropd_guidance=False)."
+            )
+        if self.loss_top_k is not None:
+            raise ValueError(
+                "loss_top_k selects the TRB paper's divergence; TrOPDTrainer trains with TrOPD's objective "
+                "(tropd_objective, tropd_top_k). Unset loss_top_k, or use TRBDistillConfig."
+            )
+        if self.veto_beta_start > 0:
+            raise ValueError(
+                "veto_beta_start > 0 changes the divergence's target; TrOPD does not use it. Set it to 0."
+            )
+        if self.sft_warmup_steps > 0:
+            raise ValueError(
+                "sft_warmup_steps > 0 is TRBDistillConfig's SFT-warmup baseline; TrOPD's guidance replaces it. Set it "
+                "to 0."
+            )
+
+    @property
+    def prefix_max_length(self) -> int:
+        """Longest teacher prefix at step 0."""
+        return self.tropd_prefix_max_length or self.max_completion_length
+
+    @property
+    def prefix_anneal_steps(self) -> int:
+        """Step at which the longest teacher prefix reaches 0."""
+        return self.tropd_prefix_steps or self.max_steps

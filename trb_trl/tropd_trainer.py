@@ -1,0 +1,208 @@
+import functools
+import random
+import textwrap
+
+import torch
+
+from ._compat import DistillationTrainer, divergence_function_replaced
+from .losses.tropd import TrOPDLossSpec, tropd_loss
+from .rollout import output_vocab_size
+from .rollout.teacher_prefix import draw_prefix_lengths, generate_teacher_prefixes, teacher_generation_config
+from .schedules import cosine_prefix_length
+from .trb_distill_trainer import TRBDistillTrainer
+from .tropd_config import TrOPDConfig
+from .zero3 import gathered_without_hooks
+
+
+# The per-micro-batch counts `tropd_loss` reports, reduced over processes once per micro-batch, in this order.
+_RECORD_NAMES = (
+    "trusted_tokens",
+    "outlier_tokens",
+    "continuation_tokens",
+    "prefix_tokens",
+    "reward_sum_trusted",
+    "reward_sum_outlier",
+)
+
+
+class TrOPDTrainer(TRBDistillTrainer):
+    r"""
+    [`TRBDistillTrainer`] with TrOPD's loss and off-policy guidance (Trust Region On-Policy Distillation,
+    arXiv 2606.01249).
+
+    What differs from the parent:
+
+    - The loss. On student tokens x the reward R = log pi_T(x) - log pi_S(x) drives a K1 policy-gradient term inside
+      an adaptive trust region: x is trusted with probability min(1, pi_T(x) / pi_S(x)) (a detached draw per token
+      and step); an outlier gets the teacher's top-k forward KL instead (`tropd_outlier`). `tropd_objective` selects
+      the paper's ablation rows (vanilla K1, FKL alone, JSD; `tropd_outlier` and `tropd_outlier_detection` its Clip
+      and Mask rows). Memory is O(tokens x k) on the teacher side; the student is projected chunk by chunk as in TRL.
+    - The rollouts, while guidance is on: each trajectory is a teacher prefix of length l, drawn per sample up to a
+      maximum that is cosine-annealed from `tropd_prefix_max_length` to 0 over `tropd_prefix_steps`, continued by the
+      student (through the parent's rollout, so a warmup `rollout_policy` such as TRB shapes the continuation).
+      Prefix tokens get `tropd_guidance_weight` x the student's NLL of the teacher's token.
+
+    Stop tokens are aligned as in the parent (a teacher `<|im_end|>` in a prefix becomes the student's stop id, and
+    the loss merges both models' stop mass). Logged per step: `tropd/trust_fraction`, `tropd/outlier_fraction`,
+    `tropd/reward/trusted`, `tropd/reward/outlier` (mean reward of each region), `tropd/prefix_fraction` (share of
+    trained tokens that are teacher prefix), `tropd/prefix_max_length`, besides the parent's metrics (`grad_norm`).
+    """
+
+    _tag_names = ["trl", "tropd", "trb-distill"]
+    _name = "TrOPD"
+    _paper = {
+        "title": "TrOPD: Trust Region On-Policy Distillation",
+        "id": "2606.01249",
+        # docstyle-ignore
+        "citation": textwrap.dedent("""\
+            @article{xing2026tropd,
+                title        = {{TrOPD: Trust Region On-Policy Distillation}},
+                author       = {Xing and Wang and Gao and Li and Tang},
+                year         = 2026,
+                eprint       = {arXiv:2606.01249},
+            }"""),
+    }
+
+    def __init__(self, model, teacher_model=None, args: TrOPDConfig | None = None, *pargs, **kwargs):
+        if args is None:
+            name = model if isinstance(model, str) else model.config._name_or_path
+            args = TrOPDConfig(f"{str(name).split('/')[-1]}-TrOPD", max_steps=200)
+        if not isinstance(args, TrOPDConfig):
+            raise TypeError(f"TrOPDTrainer needs a TrOPDConfig, got {type(args).__name__}.")
+        super().__init__(model, teacher_model, args, *pargs, **kwargs)
+        if self.teacher_model is None:
+            raise ValueError("TrOPD's loss reads the teacher's log-probs; pass a local `teacher_model`.")
+        if args.tropd_guidance and (self.tools or self._is_vlm):
+            raise ValueError(
+                "tropd_guidance does not support tool calling or vision-language models yet (a teacher prefix would "
+                "have to carry tool turns or images); set tropd_guidance=False."
+            )
+        self._tropd_spec = TrOPDLossSpec(
+            objective=args.tropd_objective,
+            outlier=args.tropd_outlier,
+            outlier_detection=args.tropd_outlier_detection,
+            threshold=args.tropd_threshold,
+            top_k=args.tropd_top_k,
+            jsd_beta=args.tropd_jsd_beta,
+            guidance_weight=args.tropd_guidance_weight,
+        )
+        self._tropd_prefix_lengths: list[int] | None = None
+        self._tropd_records: dict | None = None
+
+    def prefix_max_length_at(self, step: int) -> int:
+        """The longest teacher prefix of the rollouts made at optimizer step `step` (0 without guidance)."""
+        if not self.args.tropd_guidance:
+            return 0
+        return cosine_prefix_length(step, self.args.prefix_max_length, self.args.prefix_anneal_steps)
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, has_tool_images=False):
+        if not self.model.training or not self.args.tropd_guidance:
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, has_tool_images)
+        step = self.state.global_step
+        max_length = self.prefix_max_length_at(step)
+        self._metrics["train"]["tropd/prefix_max_length"].append(max_length)
+        if max_length == 0:
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, has_tool_images)
+        # A string seed is hashed deterministically: the same draws on a rerun or a resumed run.
+        rng = random.Random(f"tropd-prefix-{self.args.seed}-{step}-{self.accelerator.process_index}")
+        lengths = draw_prefix_lengths(max_length, len(prompt_ids), self.args.tropd_prefix_sampling, rng)
+        prefixes, ended = self._teacher_prefixes(prompt_ids, lengths)
+        # Every row is continued (also those whose prefix already stopped), so that every process runs the same
+        # rollout calls; the continuations of finished rows are dropped.
+        continuations = super()._generate_single_turn(
+            [[*prompt, *prefix] for prompt, prefix in zip(prompt_ids, prefixes, strict=True)],
+            images,
+            multimodal_fields,
+            has_tool_images,
+        )
+        budget = self.args.max_completion_length
+        completions = [
+            list(prefix) if stopped else [*prefix, *continuation[: budget - len(prefix)]]
+            for prefix, stopped, continuation in zip(prefixes, ended, continuations, strict=True)
+        ]
+        self._tropd_prefix_lengths = [len(prefix) for prefix in prefixes]
+        return completions
+
+    def _teacher_prefixes(self, prompt_ids: list[list[int]], lengths: list[int]):
+        """Sample each prompt's teacher prefix with the rollout's sampling settings, `trb_generation_batch_size`
+        sequences per `generate` call (the teacher gathered under ZeRO-3, or sharded and synced across processes)."""
+        teacher_stop_ids = self._trb_teacher_eos_token_ids
+        gather = self.args.trb_gather_teacher_for_generation
+        chunk = self.args.trb_generation_batch_size or len(prompt_ids)
+        prefixes, ended = [], []
+        with gathered_without_hooks(self.teacher_model, self.accelerator, gather=gather) as teacher:
+            config = teacher_generation_config(
+                self.generation_config,
+                max_new_tokens=max(1, *lengths),
+                stop_ids=[*teacher_stop_ids, *self.eos_token_ids],
+                pad_token_id=self._tokenizer.pad_token_id,
+                suppress_tokens=list(range(self._trb_vocab_size, output_vocab_size(teacher))),
+            )
+            for start in range(0, len(prompt_ids), chunk):  # the same number of calls on every process
+                chunk_prefixes, chunk_ended = generate_teacher_prefixes(
+                    teacher,
+                    prompt_ids[start : start + chunk],
+                    lengths[start : start + chunk],
+                    config,
+                    student_stop_ids=self.eos_token_ids,
+                    teacher_stop_ids=teacher_stop_ids,
+                    synced_gpus=self._dist.is_zero3 and not gather,
+                )
+                prefixes += chunk_prefixes
+                ended += chunk_ended
+        return prefixes, ended
+
+    def _generate_and_score_completions(self, inputs):
+        self._tropd_prefix_lengths = None
+        output = super()._generate_and_score_completions(inputs)
+        completion_ids = output["completion_ids"]
+        lengths = self._tropd_prefix_lengths or [0] * completion_ids.size(0)
+        positions = torch.arange(completion_ids.size(1), device=completion_ids.device)
+        lengths = torch.tensor(lengths, device=completion_ids.device)
+        # Which completion tokens are teacher prefix; shuffled and split with the rest of the batch.
+        output["tropd_prefix_mask"] = positions.unsqueeze(0) < lengths.unsqueeze(1)
+        return output
+
+    def _trust_draws(self, shape, device) -> torch.Tensor:
+        """Uniform draws deciding each token's trust: a fresh, reproducible stream per process and micro-step."""
+        seed = hash((self.args.seed, self.state.global_step, self._step, self.accelerator.process_index)) % 2**63
+        generator = torch.Generator().manual_seed(seed)
+        return torch.rand(shape, generator=generator).to(device)
+
+    def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
+        completion_ids = inputs["completion_ids"]
+        records = {}
+        loss = functools.partial(
+            tropd_loss,
+            completion_ids=completion_ids,
+            is_prefix=inputs.get("tropd_prefix_mask"),
+            trust_draws=self._trust_draws(completion_ids.shape, completion_ids.device),
+            spec=self._tropd_spec,
+            alignment=self._trb_stop_alignment,
+            records_out=records,
+        )
+        with divergence_function_replaced(loss):
+            result = DistillationTrainer._compute_loss(self, unwrapped_student, inputs, num_items_in_batch)
+        self._tropd_records = records
+        return result
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self._tropd_records = None
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        # Outside the wrapped forward, once per micro-batch on every process: one gather of a few counts.
+        records = self._tropd_records or {}
+        device = self.accelerator.device
+        local = torch.tensor([float(records.get(name, 0.0)) for name in _RECORD_NAMES], device=device)
+        totals = dict(zip(_RECORD_NAMES, self.accelerator.gather(local).view(-1, len(_RECORD_NAMES)).sum(0).tolist()))
+        metrics = self._metrics["train" if self.model.training else "eval"]
+        continuation, prefix = totals["continuation_tokens"], totals["prefix_tokens"]
+        if continuation > 0:
+            metrics["tropd/trust_fraction"].append(totals["trusted_tokens"] / continuation)
+            metrics["tropd/outlier_fraction"].append(totals["outlier_tokens"] / continuation)
+        if totals["trusted_tokens"] > 0:
+            metrics["tropd/reward/trusted"].append(totals["reward_sum_trusted"] / totals["trusted_tokens"])
+        if totals["outlier_tokens"] > 0:
+            metrics["tropd/reward/outlier"].append(totals["reward_sum_outlier"] / totals["outlier_tokens"])
+        if continuation + prefix > 0:
+            metrics["tropd/prefix_fraction"].append(prefix / (continuation + prefix))
+        return result
