@@ -2,19 +2,20 @@ import json
 import math
 import random
 import sys
+from dataclasses import asdict
 
 import pytest
 import torch
 
 from trb_trl.demo import runner
 from trb_trl.demo.methods import METHODS, RunSettings, parse_methods
-from trb_trl.demo.models import heldout_accuracy
+from trb_trl.demo.models import exact_match_accuracy, heldout_accuracy
 from trb_trl.demo.report import RunResult, build_report, summary_table, warmup_checkpoint
-from trb_trl.demo.task import (
+from trb_trl.demo.tasks import TASKS
+from trb_trl.demo.tasks.addition import (
     AdditionProblem,
     build_task_tokenizer,
     completion_length,
-    exact_match_accuracy,
     extract_answer,
     is_correct,
     make_splits,
@@ -31,6 +32,9 @@ RUN_REPORT_KEYS = REPORT_KEYS | {
     "models_seconds",
     "models_cached",
     "step0_rollout_accuracy",
+    "rollout_diagnostics",
+    "continuation_probe",
+    "paired_with_opd",
 }
 
 
@@ -89,14 +93,10 @@ def test_splits_are_disjoint_and_the_eval_pool_does_not_move():
         make_splits(1, num_train=80, num_dev=1, num_eval=1)
 
 
-def test_demo_trains_only_on_prompts_it_never_evaluates():
-    splits = make_splits(
-        runner.NUM_DIGITS,
-        num_train=runner.NUM_TRAIN,
-        num_dev=runner.NUM_DEV,
-        num_eval=runner.EVAL_POOL,
-        seed=runner.SPLIT_SEED,
-    )
+@pytest.mark.parametrize("task", ["addition", "machine"])
+def test_demo_trains_only_on_prompts_it_never_evaluates(task):
+    splits = TASKS[task].splits()
+    assert len(splits.eval) == TASKS[task].eval_pool
     train_prompts = {p.prompt for p in splits.train}
     assert not train_prompts & {p.prompt for p in splits.eval}
     assert not train_prompts & {p.prompt for p in splits.dev}
@@ -205,7 +205,8 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     """`trb-trl demo --quick` on a cold cache: pretrains both models, runs OPD and TRB, writes the report; a second
     run reuses the cached models."""
     output_dir, cache_dir = tmp_path / "out", tmp_path / "cache"
-    assert runner.main(["--quick", "--output-dir", str(output_dir), "--cache-dir", str(cache_dir)]) == 0
+    argv = ["--task", "addition", "--quick", "--output-dir", str(output_dir), "--cache-dir", str(cache_dir)]
+    assert runner.main(argv) == 0
     printed = capsys.readouterr().out
     assert "teacher: trained and cached" in printed and "vanilla OPD" in printed
 
@@ -235,7 +236,8 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
 
     # Second run: the teacher and student come from the cache; every other method, 2 steps each, end to end.
     others = [name for name in METHODS if name not in ("opd", "trb")]
-    rerun = ["--quick", "--steps", "2", "--warmup-steps", "1", "--eval-size", "16", "--methods", ",".join(others)]
+    rerun = ["--task", "addition", "--quick", "--steps", "2", "--warmup-steps", "1", "--eval-size", "16"]
+    rerun += ["--methods", ",".join(others)]
     from transformers.testing_utils import CaptureLogger
 
     from trb_trl.trb_distill_trainer import logger as trainer_logger
@@ -250,7 +252,8 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     for name in others:
         entry = report["methods"][name]
         assert entry["label"] in printed and entry["config"] == METHODS[name].fields(_settings(steps=2, warmup=1))
-        assert set(entry.get("metrics", {})) == set(METHODS[name].metrics), name
+        assert set(entry["metrics"]) == {*METHODS[name].metrics, runner.TEACHER_ENTROPY}, name
+        assert len(entry["metrics"][runner.TEACHER_ENTROPY]) == 2  # the teacher's entropy on each rollout
     assert report["methods"]["fixed_epsilon"]["metrics"]["trb/epsilon"] == [0.2, 0.2]  # no anneal
 
 
@@ -316,6 +319,14 @@ def _stub_expensive_parts(monkeypatch):
     monkeypatch.setattr(runner, "run_distillation", run_distillation)
     # The blend's own behaviour is tested elsewhere (and by the slow end-to-end run): fixed step-0 rollout numbers.
     monkeypatch.setattr(runner, "step0_rollout_accuracy", lambda *a, **k: {"student": 0.2, "trb": 0.4, "teacher": 0.9})
+    # The probes are tested in test_demo_derail.py: fixed results here.
+    diagnostics = {"accuracy": 0.5, "derailed_token_fraction": 0.5, "teacher_entropy": 0.1}
+    diagnostics |= {"teacher_entropy_on_track": 0.0, "teacher_entropy_derailed": 0.2}
+    monkeypatch.setattr(
+        runner, "rollout_diagnostics", lambda *a, **k: dict.fromkeys(("student", "trb", "teacher"), diagnostics)
+    )
+    probe = {"lengths": [2], "problems": 8, "epsilon": 0.1, "prefixes": {}}
+    monkeypatch.setattr(runner, "continuation_probe", lambda *a, **k: probe)
     return calls
 
 
@@ -375,7 +386,8 @@ def test_report_json_records_the_run_settings(monkeypatch, tmp_path, capsys):
     assert settings["eval_size"] == 8 and settings["eval_temperature"] == 0.0 and settings["temperature"] == 0.9
     assert settings["epsilon"] == 0.1 and settings["warmup_steps"] == 4 and settings["batch_size"] == 64
     assert settings["learning_rate"] == 5e-4 and settings["threads"] == 1 and settings["quick"] is False
-    assert settings["teacher"]["hidden_size"] == runner.TEACHER.hidden_size
+    task = TASKS[runner.DEFAULT_TASK]
+    assert settings["teacher"] == asdict(task.teacher) and settings["task"]["name"] == task.name
     assert settings["arguments"]["output_dir"] == str(output_dir)
     environment = report["environment"]
     assert environment["torch"] == torch.__version__ and environment["transformers"] == transformers.__version__
@@ -490,3 +502,26 @@ def test_logged_per_rollout_reads_step_k_plus_one():
     ]
     metrics = runner.logged_per_rollout(log_history, ("trb/epsilon", "trb/beta/mean", "skd/replacement_rate"), 3)
     assert metrics == {"trb/epsilon": [0.2, 0.1, 0.0], "trb/beta/mean": [0.9, None, None]}
+
+
+def test_the_tropd_arm_runs_on_its_own_trainer_and_is_not_in_the_default_set(tmp_path):
+    from trb_trl import TrOPDConfig, TrOPDTrainer
+
+    method = METHODS["tropd"]
+    assert method.trainer_class() is TrOPDTrainer and method.config_class() is TrOPDConfig
+    assert "tropd" not in runner.DEFAULT_METHODS and parse_methods("opd,tropd") == ["opd", "tropd"]
+    settings = RunSettings(
+        steps=10,
+        batch_size=8,
+        learning_rate=1e-3,
+        temperature=1.0,
+        eval_every=5,
+        eval_temperature=1.0,
+        epsilon=0.2,
+        warmup_steps=4,
+    )
+    config = runner.distillation_config(
+        "tropd", settings, seed=0, output_dir=tmp_path, max_completion_length=12, report_to="none"
+    )
+    assert isinstance(config, TrOPDConfig) and config.tropd_guidance and config.prefix_anneal_steps == 4
+    assert config.rollout_policy == "student" and config.max_steps == 10

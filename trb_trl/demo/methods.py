@@ -2,11 +2,13 @@
 
 Every method is one `TRBDistillConfig` that differs from the others only in its method fields (`rollout_policy`,
 `trb_*`, `skd_*`, `temperature_warmup_*`, `veto_*`, `sft_warmup_steps`); the budget (steps, batch, learning rate,
-temperature, seeds, evaluation) is the shared `RunSettings`. The paper's sweep values are scaled to the demo: a
-60-step run instead of hundreds, and an 18-token vocabulary instead of 151,936.
+temperature, seeds, evaluation) is the shared `RunSettings`. The paper's sweep values are scaled to the demo: runs of
+tens of steps instead of hundreds, and vocabularies of tens of tokens instead of 151,936. `METHODS` is a registry:
+an arm added to it runs with `--methods NAME` like the others.
 """
 
 import argparse
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -34,14 +36,30 @@ class RunSettings:
 
 @dataclass(frozen=True)
 class DemoMethod:
-    """One arm of the comparison: how it is labelled and drawn, its config fields, and the per-step metrics of the
-    trainer's log that show what it does (recorded in `report.json` and drawn in the right panel of `report.png`)."""
+    """One arm of the comparison: how it is labelled and drawn, its config fields, the per-step metrics of the
+    trainer's log that show what it does (recorded in `report.json` and drawn in `report.png`), and the trainer and
+    config classes that run it (`"module:Class"`, imported when the arm runs). Every arm so far is a
+    `TRBDistillTrainer`; an arm on another trainer names its own classes, and its config gets the shared budget
+    (`runner.distillation_config`) plus `fields`."""
 
     label: str
     color: str
     fields: Callable[[RunSettings], dict]
     describe: Callable[[RunSettings], str]
     metrics: tuple[str, ...] = ()
+    trainer: str = "trb_trl.trb_distill_trainer:TRBDistillTrainer"
+    config: str = "trb_trl.trb_distill_config:TRBDistillConfig"
+
+    def trainer_class(self) -> type:
+        return _load(self.trainer)
+
+    def config_class(self) -> type:
+        return _load(self.config)
+
+
+def _load(path: str) -> type:
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 METHODS: dict[str, DemoMethod] = {
@@ -110,6 +128,19 @@ METHODS: dict[str, DemoMethod] = {
             f"{s.warmup_steps} supervised steps on teacher responses to the prompts of the first {s.warmup_steps} "
             "OPD steps, then student rollouts"
         ),
+    ),
+    # Not in the default set (the 10-minute budget): `--methods opd,trb,tropd`.
+    "tropd": DemoMethod(
+        label="TrOPD",
+        color="tab:olive",
+        fields=lambda s: {"rollout_policy": "student", "tropd_prefix_steps": s.warmup_steps},
+        describe=lambda s: (
+            "TrOPD's loss (trust-region K1, top-k forward KL on outliers) on student rollouts, teacher prefixes "
+            f"cosine-annealed to none over K={s.warmup_steps} steps"
+        ),
+        metrics=("tropd/prefix_max_length", "tropd/trust_fraction"),
+        trainer="trb_trl.tropd_trainer:TrOPDTrainer",
+        config="trb_trl.tropd_config:TrOPDConfig",
     ),
 }
 

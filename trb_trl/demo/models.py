@@ -1,5 +1,8 @@
-"""The demo's teacher and weak student: tiny Qwen3 models pretrained on the task with plain next-token training and
-cached on disk, and the held-out scorer (generate, greedy or sampled, then check the answers exactly)."""
+"""The demo's teacher and weak student: tiny Qwen3 models pretrained on a task with plain next-token training and
+cached on disk, and the held-out scorer (generate, greedy or sampled, then check the completions exactly).
+
+Problems are duck-typed (`tasks.base.Problem`): each gives its prompt, writes its worked solution (clean, or with the
+task's typical mistake for the weak student), knows its rollout budget and checks a completion."""
 
 import hashlib
 import json
@@ -16,7 +19,6 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase, Qwen3ForCausalLM
 
 from ..testing import build_tiny_qwen3
-from .task import AdditionProblem, ProblemSplits, completion_length, exact_match_accuracy
 
 
 # Bump when the pretraining code changes in a way that changes the weights, to invalidate old caches.
@@ -35,9 +37,10 @@ class PretrainConfig:
     batch_size: int = 64
     learning_rate: float = 3e-3
     seed: int = 0
-    # Probability of "forgetting" each carry in the training solutions (0: clean data). The weak student is pretrained
-    # on such sloppy worked solutions, so its rollouts drop carries that the teacher would write.
-    drop_carry_probability: float = 0.0
+    # Probability of the task's typical mistake in the training solutions (0: clean data); the task says what the
+    # mistake is (addition: a forgotten carry; machine: a misremembered transition). The weak student is pretrained on
+    # such sloppy worked solutions, so its rollouts make mistakes that the teacher would not.
+    mistake_probability: float = 0.0
     # Stop early once accuracy on the dev problems, sampled at temperature 1 (OPD matches the teacher's sampling
     # distribution, not its argmax), reaches this; checked every `check_every` steps. None: never stop early.
     stop_at_dev_accuracy: float | None = None
@@ -50,23 +53,28 @@ def default_cache_dir() -> Path:
 
 
 def cache_key(name: str, config: PretrainConfig, task: dict) -> str:
-    """`<name>-<hash>`: the hash covers the task (digits, splits) and the model's architecture and training budget."""
-    payload = json.dumps({"version": CACHE_VERSION, "task": task, "model": asdict(config)}, sort_keys=True)
+    """`<name>-<hash>`: the hash covers the task (its problems and splits) and the model's architecture and training
+    budget."""
+    model = asdict(config)
+    # Version 1 named the mistake probability after the addition task's mistake; hashing it under that name keeps the
+    # addition models cached before the demo had several tasks.
+    model["drop_carry_probability"] = model.pop("mistake_probability")
+    payload = json.dumps({"version": CACHE_VERSION, "task": task, "model": model}, sort_keys=True)
     return f"{name}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
 
 
 def supervised_batch(
     tokenizer: PreTrainedTokenizerBase,
-    problems: list[AdditionProblem],
+    problems: list,
     *,
     rng: random.Random | None = None,
-    drop_carry_probability: float = 0.0,
+    mistake_probability: float = 0.0,
 ) -> dict[str, torch.Tensor]:
-    """prompt + worked solution + EOS, right-padded; labels only on the completion (the prompt digits are random)."""
+    """prompt + worked solution + EOS, right-padded; labels only on the completion (the prompts are random)."""
     rows = []
     for problem in problems:
         prompt = tokenizer(problem.prompt)["input_ids"]
-        solution = problem.worked_solution(rng, drop_carry_probability)
+        solution = problem.worked_solution(rng, mistake_probability)
         completion = [*tokenizer(solution)["input_ids"], tokenizer.eos_token_id]
         rows.append((prompt, completion))
     length = max(len(p) + len(c) for p, c in rows)
@@ -81,11 +89,19 @@ def supervised_batch(
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def exact_match_accuracy(problems: list, completions: list[str], stopped: list[bool]) -> float:
+    """Fraction of `problems` whose decoded completion is correct (`stopped[i]`: completion i emitted the stop token)."""
+    if not (len(problems) == len(completions) == len(stopped)) or not problems:
+        raise ValueError("Need as many completions and stop flags as problems (and at least one problem).")
+    correct = sum(p.is_correct(c, stopped=s) for p, c, s in zip(problems, completions, stopped))
+    return correct / len(problems)
+
+
 @torch.no_grad()
 def heldout_accuracy(
     model: Qwen3ForCausalLM,
     tokenizer: PreTrainedTokenizerBase,
-    problems: list[AdditionProblem],
+    problems: list,
     *,
     temperature: float = 0.0,
     sampling_seed: int = 0,
@@ -100,7 +116,6 @@ def heldout_accuracy(
     rollouts of a trust-region blend instead of the model's own)."""
     was_training = model.training
     model.eval()
-    num_digits = problems[0].num_digits
     if temperature > 0:
         sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
     else:
@@ -118,7 +133,7 @@ def heldout_accuracy(
                     processors.append(make_logits_processor(inputs["attention_mask"]))
                 output = model.generate(
                     **inputs,
-                    max_new_tokens=completion_length(num_digits),
+                    max_new_tokens=problems[0].completion_length,
                     eos_token_id=tokenizer.eos_token_id,
                     pad_token_id=tokenizer.pad_token_id,
                     logits_processor=processors,
@@ -137,10 +152,10 @@ def heldout_accuracy(
 def pretrain(
     model: Qwen3ForCausalLM,
     tokenizer: PreTrainedTokenizerBase,
-    train: list[AdditionProblem],
+    train: list,
     config: PretrainConfig,
     *,
-    dev: list[AdditionProblem] | None = None,
+    dev: list | None = None,
     description: str = "pretraining",
 ) -> int:
     """Plain next-token training on worked solutions (AdamW, linear warmup then constant lr, grad clip 1), in place.
@@ -161,7 +176,7 @@ def pretrain(
     steps_trained = 0
     for step in progress:
         problems = rng.sample(train, config.batch_size)
-        batch = supervised_batch(tokenizer, problems, rng=rng, drop_carry_probability=config.drop_carry_probability)
+        batch = supervised_batch(tokenizer, problems, rng=rng, mistake_probability=config.mistake_probability)
         loss = model(**batch).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -187,7 +202,7 @@ def load_or_pretrain(
     name: str,
     config: PretrainConfig,
     tokenizer: PreTrainedTokenizerBase,
-    splits: ProblemSplits,
+    splits,
     *,
     task: dict,
     cache_dir: str | Path,

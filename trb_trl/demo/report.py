@@ -1,5 +1,6 @@
-"""The demo's report: `report.json` (accuracy curves per method and seed, what each method did per step),
-`report.png`, and the summary table printed at the end of `trb-trl demo`."""
+"""The demo's report: `report.json` (accuracy curves per method and seed, what each method did per step, the teacher's
+entropy on the rollouts, the step-0 probes, the paired comparison with vanilla OPD), `report.png`, and the summary
+table printed at the end of `trb-trl demo`."""
 
 import json
 import math
@@ -18,6 +19,8 @@ METRIC_LABELS = {
     "rollout/temperature": "rollout temperature",
     "veto/beta": "Veto β",
 }
+# Drawn in its own panel, for every method: the teacher's mean per-token entropy on the rollouts trained on.
+TEACHER_ENTROPY = "rollout/teacher_entropy"
 
 
 @dataclass
@@ -156,16 +159,23 @@ def summary_table(report: dict, *, warmup_steps: int | None = None, metric: str 
 
 
 def plot_report(report: dict, path: str | Path, *, metric: str = "exact-match accuracy") -> None:
-    """Two panels: accuracy vs step per method (mean line, min-max band over seeds, teacher and student start as
-    dashed lines, the warmup shaded), and what each method did per step (TRB's and fixed-ε's budget and mean β*,
-    SKD's replacement rate, the rollout temperature, Veto's β), in the method's colour."""
+    """Accuracy vs step per method (mean line, min-max band over seeds, teacher and student start as dashed lines, the
+    warmup shaded) and what each method did per step (TRB's and fixed-ε's budget and mean β*, SKD's replacement rate,
+    the rollout temperature, Veto's β), in the method's colour; when the report has them, a second row with the
+    teacher's entropy on each method's rollouts over training (Fig. 3 of the paper) and the continuation probe
+    (Fig. 4)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [3, 2]})
+    probes = any(TEACHER_ENTROPY in entry.get("metrics", {}) for entry in report["methods"].values()) or (
+        "continuation_probe" in report
+    )
+    rows = 2 if probes else 1
+    fig, axes = plt.subplots(rows, 2, figsize=(13, 5 * rows), gridspec_kw={"width_ratios": [3, 2]}, squeeze=False)
+    left, right = axes[0]
     for method, entry in report["methods"].items():
         steps = entry["steps"]
         per_step = list(zip(*entry["accuracy"]))
@@ -193,7 +203,8 @@ def plot_report(report: dict, path: str | Path, *, metric: str = "exact-match ac
     styles = ["-", "--", ":", "-."]
     drawn = False
     for method, entry in report["methods"].items():
-        for index, (name, values) in enumerate(entry.get("metrics", {}).items()):
+        method_metrics = {name: values for name, values in entry.get("metrics", {}).items() if name != TEACHER_ENTROPY}
+        for index, (name, values) in enumerate(method_metrics.items()):
             points = [(k, v) for k, v in enumerate(values) if v is not None]
             if not points:
                 continue
@@ -215,10 +226,78 @@ def plot_report(report: dict, path: str | Path, *, metric: str = "exact-match ac
         right.grid(alpha=0.3)
     else:
         right.axis("off")
+    if probes:
+        _plot_teacher_entropy(axes[1][0], report)
+        _plot_continuation_probe(axes[1][1], report)
     fig.suptitle(report["task"], fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _plot_teacher_entropy(ax, report: dict) -> None:
+    """The teacher's mean per-token entropy on the rollouts each method trained on, per step (mean over seeds), with
+    the teacher's entropy on its own step-0 rollouts for reference."""
+    from matplotlib.ticker import MaxNLocator
+
+    for method, entry in report["methods"].items():
+        values = entry.get("metrics", {}).get(TEACHER_ENTROPY)
+        points = [(k, v) for k, v in enumerate(values or []) if v is not None]
+        if points:
+            label = entry.get("label", METHOD_LABELS.get(method, method))
+            ax.plot(*zip(*points), color=METHOD_COLORS.get(method), label=label, linewidth=2)
+    own = report.get("rollout_diagnostics", {}).get("teacher", {}).get("teacher_entropy")
+    if own is not None:
+        ax.axhline(own, color="black", linestyle="--", linewidth=1, label="on the teacher's own rollouts")
+    ax.set_xlabel("optimizer step k of the rollout")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("teacher entropy (nats per token)")
+    ax.set_ylim(bottom=0)
+    ax.set_title("Teacher's entropy on the rollouts trained on (paper's Fig. 3)\nmean over seeds", fontsize=10)
+    ax.legend(loc="best", fontsize=8)
+    ax.grid(alpha=0.3)
+
+
+def _plot_continuation_probe(ax, report: dict) -> None:
+    """Fig. 4 at step 0: success of the teacher's and the student's continuations of the student's (vanilla OPD's)
+    and the TRB blend's rollouts truncated after t tokens, and the fraction of those prefixes still on track."""
+    probe = report.get("continuation_probe")
+    if not probe or not probe.get("lengths") or not probe.get("prefixes"):
+        ax.axis("off")
+        return
+    colors = {"student": METHOD_COLORS.get("opd"), "trb": METHOD_COLORS.get("trb")}
+    names = {"student": "student (OPD) prefixes", "trb": f"TRB prefixes (ε₀={probe['epsilon']:g})"}
+    for source, entry in probe["prefixes"].items():
+        color = colors.get(source)
+        ax.plot(
+            probe["lengths"],
+            entry["teacher_continues"],
+            color=color,
+            marker="o",
+            label=f"{names[source]}, teacher continues",
+        )
+        ax.plot(
+            probe["lengths"],
+            entry["student_continues"],
+            color=color,
+            marker="s",
+            linestyle="--",
+            label=f"{names[source]}, student continues",
+        )
+        ax.plot(
+            probe["lengths"],
+            entry["on_track"],
+            color=color,
+            linestyle=":",
+            linewidth=1,
+            label=f"{names[source]}: prefix on track",
+        )
+    ax.set_xlabel("prefix length t (tokens of the step-0 rollout kept)")
+    ax.set_ylabel("exact-match accuracy of the continuation")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(f"Continuation probe at step 0 (paper's Fig. 4), {probe['problems']} held-out problems", fontsize=10)
+    ax.legend(loc="best", fontsize=7)
+    ax.grid(alpha=0.3)
 
 
 def write_report_json(report: dict, output_dir: str | Path) -> Path:

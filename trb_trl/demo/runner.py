@@ -1,5 +1,6 @@
-"""`trb-trl demo`: the runs. Pretrain (or load) the teacher and student, distil the student with each method under
-identical budgets and seeds, evaluate on held-out problems, and write the report."""
+"""`trb-trl demo`: the runs. Pick the task, pretrain (or load) its teacher and student, probe their step-0 rollouts,
+distil the student with each method under identical budgets and seeds, evaluate on held-out problems, and write the
+report."""
 
 import argparse
 import contextlib
@@ -15,39 +16,21 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from .comparison import decision, paired_differences
 from .methods import METHOD_LABELS, METHODS, RunSettings, methods_argument
-from .models import PretrainConfig, default_cache_dir, heldout_accuracy, load_or_pretrain
+from .models import default_cache_dir, heldout_accuracy, load_or_pretrain
+from .probes import continuation_probe, rollout_diagnostics, with_teacher_entropy
 from .report import RunResult, build_report, plot_report, summary_table, write_report_json
-from .task import AdditionProblem, build_task_tokenizer, completion_length, make_splits, task_description
+from .tasks import TASKS, DemoTask, task_argument
 
 
-# The task and the problem pools. The held-out evaluation pool is drawn first and never used for training; a smaller
-# `--eval-size` uses a prefix of it, so the cached models do not depend on it.
-NUM_DIGITS = 3
-NUM_TRAIN, NUM_DEV, EVAL_POOL, SPLIT_SEED = 20_000, 256, 1024, 0
-
-# The teacher trains on clean worked solutions until 97% of its sampled dev answers are right. The smaller student
-# trains on sloppy ones that forget 60% of the carries, until 25% of its sampled dev answers are right: it has learned
-# the format and the digit sums, but not to carry reliably.
-TEACHER = PretrainConfig(
-    hidden_size=96, num_layers=2, steps=3000, learning_rate=3e-3, stop_at_dev_accuracy=0.97, check_every=100, seed=0
-)
-STUDENT = PretrainConfig(
-    hidden_size=64,
-    num_layers=2,
-    steps=3000,
-    learning_rate=3e-3,
-    drop_carry_probability=0.6,
-    stop_at_dev_accuracy=0.25,
-    check_every=100,
-    seed=0,
-)
-
-
-# The methods and seeds of a plain `trb-trl demo` and of `--quick` (see docs/demo.md for their timings).
-DEFAULT_METHODS = list(METHODS)
+# The task, methods and seeds of a plain `trb-trl demo` and of `--quick` (see docs/demo.md for their timings).
+DEFAULT_TASK = "machine"
+DEFAULT_METHODS = [name for name in METHODS if name != "tropd"]  # TrOPD on request: the default fits 10 minutes
 DEFAULT_SEEDS = 3
 QUICK_METHODS = ["opd", "trb"]
+# Problems used by the step-0 probes (rollout diagnostics, continuation probe): a prefix of the evaluation set.
+PROBE_PROBLEMS = 256
 
 
 # What `trb-trl demo` imports beyond the package's own dependencies, and the extra that installs it.
@@ -79,11 +62,20 @@ def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trb-trl demo",
         description="CPU toy comparison of on-policy distillation methods (vanilla OPD, TRB and the paper's "
-        "baselines) on a synthetic addition task, side by side from one student checkpoint with identical budgets "
+        "baselines) on a synthetic task, side by side from one student checkpoint with identical budgets "
         "and seeds. Writes OUTPUT_DIR/report.json and OUTPUT_DIR/report.png.",
     )
     parser.add_argument(
         "--output-dir", default="trb_demo", help="Where report.json/report.png go (default: %(default)s)."
+    )
+    parser.add_argument(
+        "--task",
+        type=task_argument,
+        default=TASKS[DEFAULT_TASK],
+        metavar="{" + ",".join(TASKS) + "}",
+        help=f"The synthetic task (default {DEFAULT_TASK}): 'machine', tracing a state machine (24-step rollouts that "
+        "one wrong state derails); 'addition', column addition with carries (short rollouts, local mistakes). Its "
+        "models are pretrained and cached per task. See docs/demo.md.",
     )
     parser.add_argument(
         "--methods",
@@ -95,14 +87,19 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help=f"{','.join(QUICK_METHODS)} unless --methods says otherwise, 1 seed, 30 steps, 256 eval problems "
-        "(about 2 minutes on a cold cache).",
+        help=f"{','.join(QUICK_METHODS)} unless --methods says otherwise, 1 seed, fewer steps (addition 30, machine "
+        "20) and 256 eval problems (about 2 minutes on a cold cache).",
     )
     parser.add_argument("--seed", type=int, default=0, help="First distillation seed; the seeds are SEED..SEED+N-1.")
     parser.add_argument(
         "--seeds", type=int, default=None, help=f"Seeds N per method (default {DEFAULT_SEEDS}, --quick 1)."
     )
-    parser.add_argument("--steps", type=int, default=None, help="Optimizer steps per run (default 60, --quick 30).")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="Optimizer steps per run (default: addition 60, machine 40; --quick: 30, 20).",
+    )
     parser.add_argument("--batch-size", type=int, default=64, help="Prompts (= rollouts) per step (default 64).")
     parser.add_argument("--learning-rate", type=float, default=5e-4, help="Constant lr of every method (5e-4).")
     parser.add_argument("--temperature", type=float, default=1.0, help="Rollout and loss temperature (1.0).")
@@ -120,8 +117,8 @@ def make_parser() -> argparse.ArgumentParser:
         "--skd-top-k",
         type=int,
         default=1,
-        help="SKD: keep a student token if it is among the teacher's top-K, else replace it (default 1 of the "
-        "task's 18 tokens).",
+        help="SKD: keep a student token if it is among the teacher's top-K, else replace it (default 1: at each step "
+        "of these tasks only one token is right).",
     )
     parser.add_argument(
         "--skd-teacher-temperature", type=float, default=1.0, help="SKD: temperature of the teacher's replacements."
@@ -138,12 +135,21 @@ def make_parser() -> argparse.ArgumentParser:
         default=0.4,
         help="Veto: initial beta of the target pi_T * pi_S^beta, decaying to 0 over the run (default 0.4).",
     )
-    parser.add_argument("--eval-every", type=int, default=None, help="Evaluate every N steps (default 3).")
+    parser.add_argument(
+        "--eval-every", type=int, default=None, help="Evaluate every N steps (default: addition 3, machine 4)."
+    )
     parser.add_argument(
         "--eval-size",
         type=int,
         default=None,
-        help=f"Held-out problems per evaluation (default 512, --quick 256, at most {EVAL_POOL}).",
+        help="Held-out problems per evaluation (default 512, --quick 256, at most the task's pool of 1024).",
+    )
+    parser.add_argument(
+        "--early-end",
+        type=int,
+        default=None,
+        help="The last step of the 'early' window of the paired comparison with vanilla OPD: the evaluations after "
+        "step 0 up to this step (default: half of --steps).",
     )
     parser.add_argument(
         "--eval-temperature",
@@ -184,20 +190,23 @@ class HeldOutAccuracyCallback(TrainerCallback):
     def __init__(
         self,
         tokenizer,
-        problems: list[AdditionProblem],
+        problems: list,
         *,
         every: int,
         temperature: float,
         progress,
         report_to: list[str],
+        batch_size: int = 256,
     ):
         self.tokenizer, self.problems, self.every, self.temperature = tokenizer, problems, every, temperature
-        self.progress, self.report_to = progress, report_to
+        self.progress, self.report_to, self.batch_size = progress, report_to, batch_size
         self.steps: list[int] = []
         self.accuracy: list[float] = []
 
     def _evaluate(self, step: int, model) -> None:
-        accuracy = heldout_accuracy(model, self.tokenizer, self.problems, temperature=self.temperature)
+        accuracy = heldout_accuracy(
+            model, self.tokenizer, self.problems, temperature=self.temperature, batch_size=self.batch_size
+        )
         self.steps.append(step)
         self.accuracy.append(accuracy)
         self.progress.set_postfix(heldout_acc=f"{accuracy:.3f}")
@@ -228,19 +237,20 @@ def run_distillation(
     teacher,
     tokenizer,
     train_prompts: list[str],
-    eval_problems: list[AdditionProblem],
+    eval_problems: list,
     settings: RunSettings,
     seed: int,
     output_dir: Path,
     report_to: list[str],
+    eval_batch_size: int = 256,
 ) -> RunResult:
-    """Distil a copy of `student` with one of `METHODS` and track held-out accuracy and the method's own metrics.
+    """Distil a copy of `student` with one of `METHODS` and track held-out accuracy, the method's own metrics and the
+    teacher's entropy on the rollouts it trains on (`rollout/teacher_entropy`).
 
-    Every method is a `TRBDistillTrainer` with the same budget; only its method fields differ (`METHODS[method]`)."""
+    Every method so far is a `TRBDistillTrainer` with the same budget; only its method fields differ
+    (`METHODS[method]`)."""
     from datasets import Dataset
     from tqdm.auto import tqdm
-
-    from ..trb_distill_trainer import TRBDistillTrainer
 
     start = time.perf_counter()
     spec = METHODS[method]
@@ -249,7 +259,7 @@ def run_distillation(
         settings,
         seed=seed,
         output_dir=output_dir,
-        max_completion_length=completion_length(eval_problems[0].num_digits),
+        max_completion_length=eval_problems[0].completion_length,
         report_to=report_to,
     )
     train_dataset = Dataset.from_dict({"prompt": train_prompts})
@@ -266,8 +276,9 @@ def run_distillation(
         temperature=settings.eval_temperature,
         progress=progress,
         report_to=report_to,
+        batch_size=eval_batch_size,
     )
-    trainer = TRBDistillTrainer(
+    trainer = with_teacher_entropy(spec.trainer_class())(
         model=model,
         teacher_model=teacher,
         args=args,
@@ -276,21 +287,26 @@ def run_distillation(
         callbacks=[callback],
     )
     _train_quietly(trainer, progress, report_to)
+    metrics = logged_per_rollout(trainer.state.log_history, spec.metrics, settings.steps)
+    metrics[TEACHER_ENTROPY] = trainer.rollout_teacher_entropy[: settings.steps]
     return RunResult(
         steps=callback.steps,
         accuracy=callback.accuracy,
-        metrics=logged_per_rollout(trainer.state.log_history, spec.metrics, settings.steps),
+        metrics=metrics,
         seconds=time.perf_counter() - start,
     )
+
+
+# The per-step metric `with_teacher_entropy` adds to every run: the teacher's mean per-token entropy on the rollout.
+TEACHER_ENTROPY = "rollout/teacher_entropy"
 
 
 def distillation_config(
     method: str, settings: RunSettings, *, seed: int, output_dir: Path, max_completion_length: int, report_to
 ):
-    """The `TRBDistillConfig` of one run: the budget every method shares, plus `METHODS[method]`'s fields."""
-    from ..trb_distill_config import TRBDistillConfig
-
-    return TRBDistillConfig(
+    """The config of one run (`METHODS[method].config_class()`: a `TRBDistillConfig`, or `TrOPDConfig` for TrOPD): the
+    budget every method shares, plus the method's fields."""
+    return METHODS[method].config_class()(
         output_dir=str(output_dir / "runs" / f"{method}-seed{seed}"),
         run_name=f"{method}-seed{seed}",
         max_steps=settings.steps,
@@ -384,10 +400,12 @@ def _train_quietly(trainer, progress, report_to) -> None:
 
 
 def _resolve_settings(args) -> tuple[RunSettings, list[int], int, list[str]]:
-    quick = args.quick
-    steps = args.steps if args.steps is not None else (30 if quick else 60)
+    quick, defaults = args.quick, args.task.defaults
+    steps = args.steps if args.steps is not None else (defaults.quick_steps if quick else defaults.steps)
     num_seeds = args.seeds if args.seeds is not None else (1 if quick else DEFAULT_SEEDS)
-    eval_size = args.eval_size if args.eval_size is not None else (256 if quick else 512)
+    eval_size = (
+        args.eval_size if args.eval_size is not None else (defaults.quick_eval_size if quick else defaults.eval_size)
+    )
     warmup = args.warmup_steps if args.warmup_steps is not None else max(1, round(steps / 3))
     methods = args.methods if args.methods is not None else (QUICK_METHODS if quick else DEFAULT_METHODS)
     settings = RunSettings(
@@ -395,7 +413,7 @@ def _resolve_settings(args) -> tuple[RunSettings, list[int], int, list[str]]:
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
         temperature=args.temperature,
-        eval_every=args.eval_every if args.eval_every is not None else 3,
+        eval_every=args.eval_every if args.eval_every is not None else defaults.eval_every,
         eval_temperature=args.eval_temperature,
         epsilon=args.epsilon,
         warmup_steps=warmup,
@@ -404,9 +422,15 @@ def _resolve_settings(args) -> tuple[RunSettings, list[int], int, list[str]]:
         temperature_warmup_start=args.temperature_warmup_start,
         veto_beta_start=args.veto_beta_start,
     )
-    if steps < 1 or num_seeds < 1 or settings.eval_every < 1 or not 1 <= eval_size <= EVAL_POOL:
-        raise SystemExit(f"--steps, --seeds and --eval-every must be >= 1, and --eval-size in [1, {EVAL_POOL}].")
+    pool = args.task.eval_pool
+    if steps < 1 or num_seeds < 1 or settings.eval_every < 1 or not 1 <= eval_size <= pool:
+        raise SystemExit(f"--steps, --seeds and --eval-every must be >= 1, and --eval-size in [1, {pool}].")
     return settings, list(range(args.seed, args.seed + num_seeds)), eval_size, list(methods)
+
+
+def early_end(args, settings: RunSettings) -> int:
+    """The last step of the comparison's early window: `--early-end`, or half the run."""
+    return args.early_end if args.early_end is not None else settings.steps // 2
 
 
 def metric_name(eval_temperature: float) -> str:
@@ -415,7 +439,9 @@ def metric_name(eval_temperature: float) -> str:
     return "exact-match accuracy (greedy)"
 
 
-def step0_rollout_accuracy(teacher, student, tokenizer, problems, settings: RunSettings) -> dict[str, float]:
+def step0_rollout_accuracy(
+    teacher, student, tokenizer, problems, settings: RunSettings, batch_size: int = 256
+) -> dict[str, float]:
     """How often rollouts at the training temperature are right before any training: the student's own (vanilla OPD),
     the trust-region blend at epsilon_0 (TRB's first rollouts), and the teacher's. Shows what the warmup changes."""
     from ..rollout import TrustRegionBlendingProcessor
@@ -430,11 +456,11 @@ def step0_rollout_accuracy(teacher, student, tokenizer, problems, settings: RunS
             student_eos_token_id=tokenizer.eos_token_id,
         )
 
-    temperature = settings.temperature
+    sampled = {"temperature": settings.temperature, "batch_size": batch_size}
     return {
-        "student": heldout_accuracy(student, tokenizer, problems, temperature=temperature),
-        "trb": heldout_accuracy(student, tokenizer, problems, temperature=temperature, make_logits_processor=blend),
-        "teacher": heldout_accuracy(teacher, tokenizer, problems, temperature=temperature),
+        "student": heldout_accuracy(student, tokenizer, problems, **sampled),
+        "trb": heldout_accuracy(student, tokenizer, problems, make_logits_processor=blend, **sampled),
+        "teacher": heldout_accuracy(teacher, tokenizer, problems, **sampled),
     }
 
 
@@ -482,21 +508,25 @@ def run_environment() -> dict:
     }
 
 
-def run_settings(args, settings: RunSettings, seeds: list[int], eval_size: int, methods: list[str]) -> dict:
+def run_settings(
+    args, settings: RunSettings, seeds: list[int], eval_size: int, methods: list[str], *, max_completion_length: int
+) -> dict:
     """Everything that decides the demo's numbers, for `report.json`."""
+    task: DemoTask = args.task
     return {
         **asdict(settings),
         "methods": methods,
         "seeds": seeds,
         "eval_size": eval_size,
+        "early_end": early_end(args, settings),
         "quick": args.quick,
         "threads": args.threads,
-        "arguments": vars(args),
-        "max_completion_length": completion_length(NUM_DIGITS),
-        "task": {"num_digits": NUM_DIGITS, "train": NUM_TRAIN, "dev": NUM_DEV, "eval_pool": EVAL_POOL},
-        "split_seed": SPLIT_SEED,
-        "teacher": asdict(TEACHER),
-        "student": asdict(STUDENT),
+        "arguments": {**vars(args), "task": task.name},
+        "max_completion_length": max_completion_length,
+        "task": {"name": task.name, **task.details},
+        "split_seed": task.cache_fields["seed"],
+        "teacher": asdict(task.teacher),
+        "student": asdict(task.student),
     }
 
 
@@ -533,27 +563,31 @@ def _run(
     report_to: list[str],
 ) -> int:
     start = time.perf_counter()
+    task: DemoTask = args.task
     with _quiet_libraries():
-        tokenizer = build_task_tokenizer()
-        splits = make_splits(NUM_DIGITS, num_train=NUM_TRAIN, num_dev=NUM_DEV, num_eval=EVAL_POOL, seed=SPLIT_SEED)
+        tokenizer = task.tokenizer()
+        splits = task.splits()
         eval_problems = splits.eval[:eval_size]
-        task = {"num_digits": NUM_DIGITS, "train": NUM_TRAIN, "dev": NUM_DEV, "eval": EVAL_POOL, "seed": SPLIT_SEED}
         cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
-        teacher, _, teacher_cached = load_or_pretrain(
-            "teacher", TEACHER, tokenizer, splits, task=task, cache_dir=cache_dir
-        )
-        print(f"teacher: {'loaded from' if teacher_cached else 'trained and cached in'} {cache_dir}")
-        student, _, student_cached = load_or_pretrain(
-            "student", STUDENT, tokenizer, splits, task=task, cache_dir=cache_dir
-        )
-        print(f"student: {'loaded from' if student_cached else 'trained and cached in'} {cache_dir}")
+        models = {}
+        for name, config in (("teacher", task.teacher), ("student", task.student)):
+            model, _, cached = load_or_pretrain(
+                name, config, tokenizer, splits, task=task.cache_fields, cache_dir=cache_dir
+            )
+            print(f"{name}: {'loaded from' if cached else 'trained and cached in'} {cache_dir}")
+            models[name] = (model, cached)
+        (teacher, teacher_cached), (student, student_cached) = models["teacher"], models["student"]
         models_seconds = time.perf_counter() - start
-        teacher_accuracy = heldout_accuracy(teacher, tokenizer, eval_problems, temperature=settings.eval_temperature)
-        student_accuracy = heldout_accuracy(student, tokenizer, eval_problems, temperature=settings.eval_temperature)
+        scored = {"temperature": settings.eval_temperature, "batch_size": task.eval_batch_size}
+        teacher_accuracy = heldout_accuracy(teacher, tokenizer, eval_problems, **scored)
+        student_accuracy = heldout_accuracy(student, tokenizer, eval_problems, **scored)
         print(
-            f"held-out accuracy ({eval_size} problems): teacher {teacher_accuracy:.3f}, student {student_accuracy:.3f}"
+            f"task {task.name}: held-out accuracy ({eval_size} problems): teacher {teacher_accuracy:.3f}, "
+            f"student {student_accuracy:.3f}"
         )
-        rollout_accuracy = step0_rollout_accuracy(teacher, student, tokenizer, eval_problems, settings)
+        rollout_accuracy = step0_rollout_accuracy(
+            teacher, student, tokenizer, eval_problems, settings, batch_size=task.eval_batch_size
+        )
         print(
             f"step-0 rollouts (sampled at temperature {settings.temperature}): student "
             f"{rollout_accuracy['student']:.3f}, TRB blend at epsilon_0={settings.epsilon} "
@@ -561,6 +595,13 @@ def _run(
         )
         if teacher_accuracy < 0.9:
             print("warning: the teacher is below 90% accuracy; the comparison is less meaningful.")
+        probe_problems = eval_problems[:PROBE_PROBLEMS]
+        probe_settings = {"epsilon": settings.epsilon, "temperature": settings.temperature}
+        diagnostics = rollout_diagnostics(teacher, student, tokenizer, probe_problems, **probe_settings)
+        print(describe_diagnostics(diagnostics))
+        probe = continuation_probe(
+            teacher, student, tokenizer, probe_problems, lengths=list(task.defaults.probe_lengths), **probe_settings
+        )
 
         train_prompts = [p.prompt for p in splits.train]
         runs: dict[str, list[RunResult]] = {method: [] for method in methods}
@@ -580,10 +621,11 @@ def _run(
                             seed=seed,
                             output_dir=run_root,
                             report_to=report_to,
+                            eval_batch_size=task.eval_batch_size,
                         )
                     )
         report = build_report(
-            task=task_description(NUM_DIGITS),
+            task=task.description,
             teacher_accuracy=teacher_accuracy,
             student_initial_accuracy=student_accuracy,
             seconds=time.perf_counter() - start,
@@ -592,17 +634,25 @@ def _run(
                 name: {"description": METHODS[name].describe(settings), "config": METHODS[name].fields(settings)}
                 for name in methods
             },
-            settings=run_settings(args, settings, seeds, eval_size, methods),
+            settings=run_settings(
+                args, settings, seeds, eval_size, methods, max_completion_length=eval_problems[0].completion_length
+            ),
             environment=run_environment(),
             metric=metric_name(settings.eval_temperature),
             models_seconds=models_seconds,
             models_cached={"teacher": teacher_cached, "student": student_cached},
             step0_rollout_accuracy=rollout_accuracy,
+            rollout_diagnostics=diagnostics,
+            continuation_probe=probe,
         )
+        report["paired_with_opd"] = paired_differences(report["methods"], early_end=early_end(args, settings))
         # The JSON first: whatever happens to the plot, the numbers are on disk.
         json_path = write_report_json(report, output_dir)
     print()
     print(summary_table(report, warmup_steps=settings.warmup_steps, metric=report["metric"]))
+    paired = describe_paired(report["paired_with_opd"])
+    if paired:
+        print(paired)
     print(
         f"\nsettings: {settings.steps} steps x {settings.batch_size} prompts, lr {settings.learning_rate}, "
         f"temperature {settings.temperature}; seeds {seeds}"
@@ -614,3 +664,40 @@ def _run(
     plot_report(report, png_path, metric=report["metric"])
     print(f"wrote {png_path}")
     return 0
+
+
+def describe_diagnostics(diagnostics: dict) -> str:
+    """One line per step-0 behaviour: how much of it is derailed, and the teacher's entropy there."""
+
+    def fmt(value):
+        return "-" if value is None else f"{value:.3f}"
+
+    lines = ["teacher entropy (nats/token) on step-0 rollouts, on prefixes still on track | derailed:"]
+    for name, entry in diagnostics.items():
+        lines.append(
+            f"  {name:>7}: {fmt(entry['teacher_entropy'])} ({fmt(entry['teacher_entropy_on_track'])} | "
+            f"{fmt(entry['teacher_entropy_derailed'])}), {100 * entry['derailed_token_fraction']:.0f}% of tokens "
+            f"derailed, accuracy {entry['accuracy']:.3f}"
+        )
+    return "\n".join(lines)
+
+
+def describe_paired(paired: dict) -> str:
+    """The paired differences from vanilla OPD (mean over seeds and 95% t-interval), one line per method and window;
+    empty when there is nothing to compare (no OPD arm, or a single seed)."""
+    lines = []
+    for name, windows in paired.items():
+        for window, entry in windows.items():
+            if entry["ci95"] is None:
+                continue
+            low, high = entry["ci95"]
+            lines.append(
+                f"  {METHOD_LABELS.get(name, name):>18} {window:>5} (steps {entry['steps'][0]}-{entry['steps'][-1]}): "
+                f"{entry['mean']:+.3f} [{low:+.3f}, {high:+.3f}] -> {decision(entry['ci95'])}"
+            )
+    if not lines:
+        return ""
+    return (
+        "\npaired difference from vanilla OPD in mean accuracy over the window (mean over seeds [95% t-interval]):\n"
+        + "\n".join(lines)
+    )

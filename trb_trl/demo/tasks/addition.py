@@ -1,4 +1,4 @@
-"""The demo's synthetic reasoning task: column addition written out digit by digit, with carries.
+"""`--task addition`: column addition written out digit by digit, with carries.
 
 A problem is two `num_digits`-digit numbers; the prompt spells them out one digit per token, and the solution walks
 the columns from the right, writing each column's sum digit and outgoing carry, then the answer:
@@ -10,15 +10,20 @@ completion: 6 c1 3 c1 9 c0 | 9 3 6 <|endoftext|>
 
 (7+9 = 16: write 6, carry 1; 4+8+1 = 13: write 3, carry 1; 3+5+1 = 9: write 9, carry 0; answer 936.) The answer is
 checked exactly: the completion must stop on the end-of-text token and the digits after its last `|` must be the sum.
-No models here: they live in `models.py`.
+The weak student learns from solutions that forget carries. Every rollout visits every decision (the format is fixed
+and 12 tokens long) and a wrong carry does not take the teacher off its training distribution, so this task cannot
+show TRB's mechanism (docs/demo.md); `--task machine` is built to.
 """
 
+import functools
 import random
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerFast
 
-from ..testing import build_word_tokenizer
+from ...testing import build_word_tokenizer
+from ..models import PretrainConfig
+from .base import DemoTask, ProblemSplits, TaskDefaults
 
 
 DIGITS = [str(d) for d in range(10)]
@@ -47,6 +52,10 @@ class AdditionProblem:
         """The worked completion (without the stop token): column steps right to left, `|`, the answer digits."""
         return self.worked_solution()
 
+    @property
+    def completion_length(self) -> int:
+        return completion_length(self.num_digits)
+
     def worked_solution(self, rng: random.Random | None = None, drop_carry_probability: float = 0.0) -> str:
         """The column-by-column solution. With `drop_carry_probability > 0`, each carry of 1 is "forgotten" with that
         probability: written as `c0` and not added to the next column, and the answer is the digits as written (the
@@ -60,6 +69,9 @@ class AdditionProblem:
             written.append(str(digit))
         answer = str(int("".join([str(carry), *reversed(written)])))
         return " ".join([*steps, ANSWER_MARK, *answer])
+
+    def is_correct(self, completion: str, *, stopped: bool = True) -> bool:
+        return is_correct(self, completion, stopped=stopped)
 
     def _digits(self, number: int) -> list[str]:
         return list(str(number).zfill(self.num_digits))
@@ -80,16 +92,6 @@ def completion_length(num_digits: int) -> int:
 def build_task_tokenizer() -> PreTrainedTokenizerFast:
     """Word-level tokenizer over the task's symbols (digits, `+`, `=`, `|`, carries) plus the Qwen-style specials."""
     return build_word_tokenizer(TASK_WORDS)
-
-
-@dataclass(frozen=True)
-class ProblemSplits:
-    """Disjoint problem sets: `train` (supervised pretraining and distillation prompts), `dev` (teacher early stopping),
-    and `eval` (held-out: only ever used to measure accuracy)."""
-
-    train: list[AdditionProblem]
-    dev: list[AdditionProblem]
-    eval: list[AdditionProblem]
 
 
 def make_splits(num_digits: int, *, num_train: int, num_dev: int, num_eval: int, seed: int = 0) -> ProblemSplits:
@@ -134,9 +136,42 @@ def is_correct(problem: AdditionProblem, completion: str, *, stopped: bool = Tru
     return stopped and extract_answer(completion) == problem.answer
 
 
-def exact_match_accuracy(problems: list[AdditionProblem], completions: list[str], stopped: list[bool]) -> float:
-    """Fraction of `problems` whose decoded completion is correct (`stopped[i]`: completion i emitted the stop token)."""
-    if not (len(problems) == len(completions) == len(stopped)) or not problems:
-        raise ValueError("Need as many completions and stop flags as problems (and at least one problem).")
-    correct = sum(is_correct(p, c, stopped=s) for p, c, s in zip(problems, completions, stopped))
-    return correct / len(problems)
+# The problem pools. The held-out evaluation pool is drawn first and never used for training; a smaller
+# `--eval-size` uses a prefix of it, so the cached models do not depend on it.
+NUM_DIGITS = 3
+NUM_TRAIN, NUM_DEV, EVAL_POOL, SPLIT_SEED = 20_000, 256, 1024, 0
+
+# The teacher trains on clean worked solutions until 97% of its sampled dev answers are right. The smaller student
+# trains on sloppy ones that forget 60% of the carries, until 25% of its sampled dev answers are right: it has learned
+# the format and the digit sums, but not to carry reliably.
+TEACHER = PretrainConfig(
+    hidden_size=96, num_layers=2, steps=3000, learning_rate=3e-3, stop_at_dev_accuracy=0.97, check_every=100, seed=0
+)
+STUDENT = PretrainConfig(
+    hidden_size=64,
+    num_layers=2,
+    steps=3000,
+    learning_rate=3e-3,
+    mistake_probability=0.6,
+    stop_at_dev_accuracy=0.25,
+    check_every=100,
+    seed=0,
+)
+
+ADDITION = DemoTask(
+    name="addition",
+    description=task_description(NUM_DIGITS),
+    words=tuple(TASK_WORDS),
+    make_splits=functools.cache(
+        lambda: make_splits(NUM_DIGITS, num_train=NUM_TRAIN, num_dev=NUM_DEV, num_eval=EVAL_POOL, seed=SPLIT_SEED)
+    ),
+    # Exactly the key the demo used before it had several tasks, so models cached then are still found.
+    cache_fields={"num_digits": NUM_DIGITS, "train": NUM_TRAIN, "dev": NUM_DEV, "eval": EVAL_POOL, "seed": SPLIT_SEED},
+    teacher=TEACHER,
+    student=STUDENT,
+    eval_pool=EVAL_POOL,
+    defaults=TaskDefaults(
+        steps=60, eval_every=3, eval_size=512, quick_steps=30, quick_eval_size=256, probe_lengths=(2, 4, 6, 8)
+    ),
+    details={"num_digits": NUM_DIGITS, "train": NUM_TRAIN, "dev": NUM_DEV, "eval_pool": EVAL_POOL},
+)
