@@ -122,3 +122,13 @@ def full_lm_head(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.d
         if bias is not None:
             bias = bias.full_tensor()
     return weight, bias
+
+
+def reduce_like_trl(loss_sum: torch.Tensor, num_valid: torch.Tensor, num_items_in_batch) -> torch.Tensor:
+    """TRL's reduction of a summed per-token loss: divided by `num_items_in_batch` (the generation batch's completion
+    tokens), or by this batch's valid tokens when it is None."""
+    if num_items_in_batch is None:
+        return loss_sum / num_valid.clamp(min=1)
+    if isinstance(num_items_in_batch, torch.Tensor):
+        num_items_in_batch = num_items_in_batch.to(loss_sum.device)
+    return loss_sum / num_items_in_batch

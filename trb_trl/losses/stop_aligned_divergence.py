@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from ..stop_alignment import StopAlignment
-from .projection import TILE_ELEMENTS, back_project, full_lm_head, row_chunks
+from .projection import TILE_ELEMENTS, back_project, full_lm_head, reduce_like_trl, row_chunks
 from .projection import aligned_logprobs as _aligned_logprobs
 from .projection import project as _project
 from .projection import transform as _transform
@@ -216,10 +216,5 @@ def stop_aligned_divergence_loss(
         spec,
     )
     loss = divergence.sum()
-    if num_items_in_batch is None:
-        loss = loss / num_valid.clamp(min=1)
-    else:
-        if isinstance(num_items_in_batch, torch.Tensor):
-            num_items_in_batch = num_items_in_batch.to(loss.device)
-        loss = loss / num_items_in_batch
+    loss = reduce_like_trl(loss, num_valid, num_items_in_batch)
     return loss, entropy.sum(), num_valid

@@ -18,7 +18,7 @@ import math
 import torch
 
 from ..stop_alignment import StopAlignment
-from .projection import LogitSpec, full_lm_head
+from .projection import LogitSpec, full_lm_head, reduce_like_trl
 from .stop_aligned_divergence import per_token_divergence
 from .token_logprobs import gathered_logprobs, top_k_logprobs
 from .veto import veto_target_logprobs
@@ -91,10 +91,5 @@ def top_k_divergence_loss(
     if veto_weight > 0:  # renormalised over the support, like the teacher
         teacher_logprobs = veto_target_logprobs(teacher_logprobs, student_logprobs.detach(), float(veto_weight))
     loss = per_token_divergence(student_logprobs, teacher_logprobs, float(beta)).sum()
-    if num_items_in_batch is None:
-        loss = loss / num_valid.clamp(min=1)
-    else:
-        if isinstance(num_items_in_batch, torch.Tensor):
-            num_items_in_batch = num_items_in_batch.to(loss.device)
-        loss = loss / num_items_in_batch
+    loss = reduce_like_trl(loss, num_valid, num_items_in_batch)
     return loss, entropy.sum(), num_valid

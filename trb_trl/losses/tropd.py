@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from ..stop_alignment import StopAlignment
-from .projection import LogitSpec, aligned_ids, full_lm_head
+from .projection import LogitSpec, aligned_ids, full_lm_head, reduce_like_trl
 from .token_logprobs import gathered_logprobs, teacher_top_k
 
 
@@ -338,10 +338,5 @@ def tropd_loss(
     if records_out is not None:
         _accumulate(records_out, records)
     loss = per_token.sum()
-    if num_items_in_batch is None:
-        loss = loss / num_valid.clamp(min=1)
-    else:
-        if isinstance(num_items_in_batch, torch.Tensor):
-            num_items_in_batch = num_items_in_batch.to(loss.device)
-        loss = loss / num_items_in_batch
+    loss = reduce_like_trl(loss, num_valid, num_items_in_batch)
     return loss, entropy.sum(), num_valid

@@ -34,8 +34,8 @@ from ..blending import trust_region_blend
 from ..memory_preflight import count_parameters
 from ..stop_alignment import StopAlignment, as_id_list
 from .statistics import TokenMetric
-from .teacher import output_vocab_size
-from .trust_region import TrustRegionBlendingProcessor
+from .teacher import output_vocab_size, shared_vocab_size
+from .trust_region import TrustRegionBlendingProcessor, blend_summary
 
 
 # Logged next to `TRUST_REGION_METRICS` (prefix `trb/`) for speculative rollouts, over the same tokens. Each row-round
@@ -414,20 +414,7 @@ class SpeculativeBlendingSampler:
         )
 
     def _resolve_vocab(self, student_vocab: int) -> int:
-        if self.vocab_size is not None:
-            if self.vocab_size > student_vocab:
-                raise ValueError(
-                    f"vocab_size={self.vocab_size} but the student only scores {student_vocab} tokens: the student "
-                    "and teacher do not share a vocabulary."
-                )
-            return self.vocab_size
-        if student_vocab != self.teacher_vocab_size:
-            raise ValueError(
-                f"The student scores {student_vocab} tokens and the teacher {self.teacher_vocab_size}. If they share "
-                "a tokenizer and only the lm_head is padded, pass `vocab_size=len(tokenizer)`; otherwise the models "
-                "cannot be combined."
-            )
-        return student_vocab
+        return shared_vocab_size(student_vocab, self.teacher_vocab_size, self.vocab_size)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Scores
@@ -775,22 +762,7 @@ class SpeculativeBlendingSampler:
             "student_forwards": self._student_forwards,
             "teacher_seconds": self.teacher_seconds,
         }
-        stats = self.statistics()
-        beta = stats["beta"]
-        if beta.numel() == 0:
-            return {"num_tokens": 0, **speculative}
-        return {
-            "beta/mean": beta.mean().item(),
-            "beta/min": beta.min().item(),
-            "beta/max": beta.max().item(),
-            "teacher_fraction": (beta >= 1.0).float().mean().item(),
-            "kl_to_student/mean": stats["kl_to_student"].mean().item(),
-            "kl_to_student/max": stats["kl_to_student"].max().item(),
-            "kl_to_teacher/mean": stats["kl_to_teacher"].mean().item(),
-            "teacher_invalid_fraction": (~stats["teacher_valid"]).float().mean().item(),
-            "num_tokens": int(beta.numel()),
-            **speculative,
-        }
+        return {**blend_summary(self.statistics()), **speculative}
 
 
 def _resolve_generation_config(model, generation_config, kwargs) -> GenerationConfig:

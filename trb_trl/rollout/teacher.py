@@ -14,6 +14,24 @@ def output_vocab_size(model: torch.nn.Module) -> int:
     return int(model.config.get_text_config().vocab_size)
 
 
+def shared_vocab_size(student_vocab: int, teacher_vocab: int, vocab_size: int | None) -> int:
+    """The vocabulary both models' scores are cut to: `vocab_size` (`len(tokenizer)`) when given, else the models'
+    common output size. A clear error when the two cannot share one."""
+    if vocab_size is not None:
+        if vocab_size > student_vocab:
+            raise ValueError(
+                f"vocab_size={vocab_size} but the student only scores {student_vocab} tokens: the student and teacher "
+                "do not share a vocabulary."
+            )
+        return vocab_size
+    if student_vocab != teacher_vocab:
+        raise ValueError(
+            f"The student scores {student_vocab} tokens and the teacher {teacher_vocab}. If they share a tokenizer and "
+            "only the lm_head is padded, pass `vocab_size=len(tokenizer)`; otherwise the models cannot be combined."
+        )
+    return student_vocab
+
+
 class TeacherStepper:
     """Runs the teacher incrementally over the sequences `generate` is extending, with its own KV cache.
 

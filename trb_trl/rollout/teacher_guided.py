@@ -5,7 +5,7 @@ import torch
 from transformers import LogitsProcessor
 
 from ..stop_alignment import StopAlignment, as_id_list
-from .teacher import TeacherStepper, output_vocab_size
+from .teacher import TeacherStepper, output_vocab_size, shared_vocab_size
 
 
 class TeacherGuidedProcessor(LogitsProcessor):
@@ -100,20 +100,7 @@ class TeacherGuidedProcessor(LogitsProcessor):
         raise NotImplementedError
 
     def _resolve_vocab(self, student_vocab: int) -> int:
-        if self.vocab_size is not None:
-            if self.vocab_size > student_vocab:
-                raise ValueError(
-                    f"vocab_size={self.vocab_size} but the student only scores {student_vocab} tokens: the student "
-                    "and teacher do not share a vocabulary."
-                )
-            return self.vocab_size
-        if student_vocab != self.teacher_vocab_size:
-            raise ValueError(
-                f"The student scores {student_vocab} tokens and the teacher {self.teacher_vocab_size}. If they share "
-                "a tokenizer and only the lm_head is padded, pass `vocab_size=len(tokenizer)`; otherwise the models "
-                "cannot be combined."
-            )
-        return student_vocab
+        return shared_vocab_size(student_vocab, self.teacher_vocab_size, self.vocab_size)
 
     def _update_finished(self, input_ids: torch.LongTensor) -> None:
         if self._finished is None:

@@ -20,6 +20,24 @@ TRUST_REGION_METRICS = (
 )
 
 
+def blend_summary(stats: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Aggregates of per-token blend records (`beta`, `kl_to_student`, `kl_to_teacher`, `teacher_valid`)."""
+    beta = stats["beta"]
+    if beta.numel() == 0:
+        return {"num_tokens": 0}
+    return {
+        "beta/mean": beta.mean().item(),
+        "beta/min": beta.min().item(),
+        "beta/max": beta.max().item(),
+        "teacher_fraction": (beta >= 1.0).float().mean().item(),
+        "kl_to_student/mean": stats["kl_to_student"].mean().item(),
+        "kl_to_student/max": stats["kl_to_student"].max().item(),
+        "kl_to_teacher/mean": stats["kl_to_teacher"].mean().item(),
+        "teacher_invalid_fraction": (~stats["teacher_valid"]).float().mean().item(),
+        "num_tokens": int(beta.numel()),
+    }
+
+
 class TrustRegionBlendingProcessor(TeacherGuidedProcessor):
     r"""Samples each token from mu* proportional to pi_S^(1-beta*) pi_T^beta*, the trust-region blend of the student
     (the model being generated from) and a teacher, with beta* the largest weight keeping KL(mu* || pi_S) <= epsilon.
@@ -123,20 +141,4 @@ class TrustRegionBlendingProcessor(TeacherGuidedProcessor):
         KL(mu||pi_S) mean/max, KL(mu||pi_T) mean, the fraction of tokens whose teacher logits were invalid (NaN or
         no finite mass; those tokens were drawn from the student), the number of blended tokens and the teacher
         time."""
-        stats = self.statistics()
-        beta = stats["beta"]
-        num_tokens = int(beta.numel())
-        if num_tokens == 0:
-            return {"num_tokens": 0, "teacher_seconds": self.teacher_seconds}
-        return {
-            "beta/mean": beta.mean().item(),
-            "beta/min": beta.min().item(),
-            "beta/max": beta.max().item(),
-            "teacher_fraction": (beta >= 1.0).float().mean().item(),
-            "kl_to_student/mean": stats["kl_to_student"].mean().item(),
-            "kl_to_student/max": stats["kl_to_student"].max().item(),
-            "kl_to_teacher/mean": stats["kl_to_teacher"].mean().item(),
-            "teacher_invalid_fraction": (~stats["teacher_valid"]).float().mean().item(),
-            "num_tokens": num_tokens,
-            "teacher_seconds": self.teacher_seconds,
-        }
+        return {**blend_summary(self.statistics()), "teacher_seconds": self.teacher_seconds}
