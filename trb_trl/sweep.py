@@ -52,7 +52,14 @@ METHOD_KEYS = (
     "tropd_objective",
     "tropd_outlier",
     "tropd_outlier_detection",
+    "tropd_threshold",
+    "tropd_top_k",
+    "tropd_jsd_beta",
     "tropd_guidance",
+    "tropd_guidance_weight",
+    "tropd_prefix_max_length",
+    "tropd_prefix_steps",
+    "tropd_prefix_sampling",
 )
 NAMING_KEYS = ("output_dir", "run_name")
 
@@ -74,7 +81,15 @@ class SweepMethod(NamedTuple):
 # The TRB paper trains every method with reverse KL over the student's top-16 tokens (Appendix A): every point of its
 # grids sets it, so a point is the paper's whatever the base recipe's loss.
 _TRB_LOSS = {"loss_top_k": 16}
-_TROPD = {"trainer": "tropd", "rollout_policy": "student"}
+# TrOPD's settings shared by every row of its ablation (arXiv 2606.01249, §4): k = 64, guidance weight 1e-3; the prefix
+# length drawn uniformly up to the annealed maximum is ours (docs/tropd.md).
+_TROPD = {
+    "trainer": "tropd",
+    "rollout_policy": "student",
+    "tropd_top_k": 64,
+    "tropd_guidance_weight": 0.001,
+    "tropd_prefix_sampling": "uniform",
+}
 
 
 def _tropd_row(objective: str, guidance: bool, outlier: str = "fkl", detection: str = "adaptive") -> dict:
