@@ -132,3 +132,30 @@ def reduce_like_trl(loss_sum: torch.Tensor, num_valid: torch.Tensor, num_items_i
     if isinstance(num_items_in_batch, torch.Tensor):
         num_items_in_batch = num_items_in_batch.to(loss_sum.device)
     return loss_sum / num_items_in_batch
+
+
+def lm_head_backward(hidden, weight, bias, needs_grad, vocab_size: int, chunk_grad_logits, tile_elements=None):
+    """Gradients w.r.t. `hidden`, `weight` and `bias` (each None unless `needs_grad` says so) of a loss on the logits
+    `hidden @ weight[:vocab_size].T + bias`, one row chunk at a time: `chunk_grad_logits(rows, projected)` returns the
+    loss's float32 gradient w.r.t. that chunk's projected logits, so no (tokens x V) tensor outlives a chunk."""
+    needs_hidden, needs_weight, needs_bias = needs_grad
+    grad_hidden = torch.zeros(hidden.shape, device=hidden.device, dtype=torch.float32) if needs_hidden else None
+    grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if needs_weight else None
+    grad_bias = torch.zeros(bias.shape, device=bias.device, dtype=torch.float32) if needs_bias else None
+    head = weight[:vocab_size]
+    head_bias = None if bias is None else bias[:vocab_size]
+    for rows in row_chunks(hidden.shape[0], vocab_size, tile_elements):
+        with torch.no_grad():
+            projected = project(hidden[rows], head, head_bias)
+        grad_logits = chunk_grad_logits(rows, projected)
+        if grad_hidden is not None:
+            grad_hidden[rows] = back_project(grad_logits, head)
+        if grad_weight is not None:
+            grad_weight[:vocab_size].addmm_(grad_logits.t(), hidden[rows].float())
+        if grad_bias is not None:
+            grad_bias[:vocab_size] += grad_logits.sum(0)
+    return (
+        None if grad_hidden is None else grad_hidden.to(hidden.dtype),
+        None if grad_weight is None else grad_weight.to(weight.dtype),
+        None if grad_bias is None else grad_bias.to(bias.dtype),
+    )

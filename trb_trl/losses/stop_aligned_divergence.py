@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from ..stop_alignment import StopAlignment
-from .projection import TILE_ELEMENTS, back_project, full_lm_head, reduce_like_trl, row_chunks
+from .projection import TILE_ELEMENTS, full_lm_head, lm_head_backward, reduce_like_trl, row_chunks
 from .projection import aligned_logprobs as _aligned_logprobs
 from .projection import project as _project
 from .projection import transform as _transform
@@ -119,41 +119,35 @@ class _StopAlignedDivergence(torch.autograd.Function):
 
         student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias = ctx.saved_tensors
         spec = ctx.spec
-        needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
-        grad_hidden = grad_weight = grad_bias = None
         if grad_divergence is None:
             return (None,) * 7
+
+        def chunk_grad_logits(rows, projected):
+            with torch.no_grad():
+                teacher = _teacher_logits(teacher_hidden[rows], teacher_weight, teacher_bias, vocab, spec)
+                teacher_logprobs = _aligned_logprobs(teacher, spec.alignment)
+            projected.requires_grad_(True)
+            with torch.enable_grad():
+                student = _transform(projected, spec.student_logit_scale, spec.student_softcap, spec.temperature)
+                student_logprobs = _aligned_logprobs(student, spec.alignment)
+                target_logprobs = _target_logprobs(teacher_logprobs, student_logprobs, spec)  # student detached
+                divergence = per_token_divergence(student_logprobs, target_logprobs, spec.beta)
+                (grad_logits,) = torch.autograd.grad(divergence, projected, grad_divergence[rows].float())
+            return grad_logits
+
         with maybe_gather_lm_head_ctx(student_weight, student_bias), maybe_gather_lm_head_ctx(teacher_weight):
-            vocab = student_weight.shape[0]
-            if needs_hidden:
-                grad_hidden = torch.zeros(student_hidden.shape, device=student_hidden.device, dtype=torch.float32)
-            if needs_weight:
-                grad_weight = torch.zeros(student_weight.shape, device=student_weight.device, dtype=torch.float32)
-            if needs_bias:
-                grad_bias = torch.zeros(student_bias.shape, device=student_bias.device, dtype=torch.float32)
-            for rows in _chunks(student_hidden.shape[0], vocab):
-                with torch.no_grad():
-                    teacher = _teacher_logits(teacher_hidden[rows], teacher_weight, teacher_bias, vocab, spec)
-                    teacher_logprobs = _aligned_logprobs(teacher, spec.alignment)
-                    projected = _project(student_hidden[rows], student_weight, student_bias)
-                projected.requires_grad_(True)
-                with torch.enable_grad():
-                    student = _transform(projected, spec.student_logit_scale, spec.student_softcap, spec.temperature)
-                    student_logprobs = _aligned_logprobs(student, spec.alignment)
-                    target_logprobs = _target_logprobs(teacher_logprobs, student_logprobs, spec)  # student detached
-                    divergence = per_token_divergence(student_logprobs, target_logprobs, spec.beta)
-                    (grad_logits,) = torch.autograd.grad(divergence, projected, grad_divergence[rows].float())
-                hidden = student_hidden[rows]
-                if grad_hidden is not None:
-                    grad_hidden[rows] = back_project(grad_logits, student_weight)
-                if grad_weight is not None:
-                    grad_weight.addmm_(grad_logits.t(), hidden.float())
-                if grad_bias is not None:
-                    grad_bias += grad_logits.sum(0)
+            vocab = student_weight.shape[0]  # the gathered size under ZeRO-3
+            grads = lm_head_backward(
+                student_hidden,
+                student_weight,
+                student_bias,
+                ctx.needs_input_grad[:3],
+                vocab,
+                chunk_grad_logits,
+                _TILE_ELEMENTS,
+            )
         return (
-            None if grad_hidden is None else grad_hidden.to(student_hidden.dtype),
-            None if grad_weight is None else grad_weight.to(student_weight.dtype),
-            None if grad_bias is None else grad_bias.to(student_bias.dtype),
+            *grads,
             None,
             None,
             None,

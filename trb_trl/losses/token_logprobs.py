@@ -21,7 +21,7 @@ from typing import Literal
 
 import torch
 
-from .projection import LogitSpec, back_project, model_logits, project, row_chunks, spec_logits
+from .projection import LogitSpec, lm_head_backward, model_logits, row_chunks, spec_logits
 
 
 Normalization = Literal["full", "subset"]
@@ -105,37 +105,20 @@ class _GatheredLogprobs(torch.autograd.Function):
 
         hidden, weight, bias, ids = ctx.saved_tensors
         spec, vocab_size, normalize = ctx.options
-        needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
-        grad_hidden = grad_weight = grad_bias = None
         if grad_logprobs is None:
             return (None,) * 9
+
+        def chunk_grad_logits(rows, projected):
+            projected.requires_grad_(True)
+            with torch.enable_grad():
+                logprobs = _normalised(spec_logits(projected, spec), ids[rows], normalize)
+                (grad_logits,) = torch.autograd.grad(logprobs, projected, grad_logprobs[rows].float())
+            return grad_logits
+
         with maybe_gather_lm_head_ctx(weight, bias):
-            head = weight[:vocab_size]
-            head_bias = None if bias is None else bias[:vocab_size]
-            if needs_hidden:
-                grad_hidden = torch.zeros(hidden.shape, device=hidden.device, dtype=torch.float32)
-            if needs_weight:
-                grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
-            if needs_bias:
-                grad_bias = torch.zeros(bias.shape, device=bias.device, dtype=torch.float32)
-            for rows in row_chunks(hidden.shape[0], vocab_size):
-                with torch.no_grad():
-                    projected = project(hidden[rows], head, head_bias)
-                projected.requires_grad_(True)
-                with torch.enable_grad():
-                    logits = spec_logits(projected, spec)
-                    logprobs = _normalised(logits, ids[rows], normalize)
-                    (grad_logits,) = torch.autograd.grad(logprobs, projected, grad_logprobs[rows].float())
-                if grad_hidden is not None:
-                    grad_hidden[rows] = back_project(grad_logits, head)
-                if grad_weight is not None:
-                    grad_weight[:vocab_size].addmm_(grad_logits.t(), hidden[rows].float())
-                if grad_bias is not None:
-                    grad_bias[:vocab_size] += grad_logits.sum(0)
+            grads = lm_head_backward(hidden, weight, bias, ctx.needs_input_grad[:3], vocab_size, chunk_grad_logits)
         return (
-            None if grad_hidden is None else grad_hidden.to(hidden.dtype),
-            None if grad_weight is None else grad_weight.to(weight.dtype),
-            None if grad_bias is None else grad_bias.to(bias.dtype),
+            *grads,
             None,
             None,
             None,

@@ -32,9 +32,9 @@ from transformers import (
 
 from ..blending import trust_region_blend
 from ..memory_preflight import count_parameters
-from ..stop_alignment import StopAlignment, as_id_list
+from ..stop_alignment import as_id_list
 from .statistics import TokenMetric
-from .teacher import output_vocab_size, shared_vocab_size
+from .teacher import output_vocab_size, shared_vocab_size, stop_setup, teacher_vocab_size
 from .trust_region import TrustRegionBlendingProcessor, blend_summary
 
 
@@ -305,28 +305,11 @@ class SpeculativeBlendingSampler:
         self.synced = synced
         self.drafter_factory = drafter_factory or StudentDrafter
 
-        self.teacher_vocab_size = output_vocab_size(teacher_model)
-        if vocab_size is not None and vocab_size > self.teacher_vocab_size:
-            raise ValueError(
-                f"The tokenizer has {vocab_size} tokens but the teacher only scores {self.teacher_vocab_size}: the "
-                "student and teacher do not share a vocabulary. Use a teacher with the student's tokenizer."
-            )
+        self.teacher_vocab_size = teacher_vocab_size(teacher_model, vocab_size)
         self.vocab_size = vocab_size
-        if teacher_eos_token_id is None:
-            teacher_eos_token_id = getattr(getattr(teacher_model, "generation_config", None), "eos_token_id", None)
-        self.teacher_eos_token_ids = as_id_list(teacher_eos_token_id)
-        self.student_eos_token_ids = (
-            as_id_list(student_eos_token_id) if student_eos_token_id is not None else list(self.teacher_eos_token_ids)
+        self.teacher_eos_token_ids, self.student_eos_token_ids, self.stop_alignment = stop_setup(
+            teacher_model, student_eos_token_id, teacher_eos_token_id, vocab_size
         )
-        try:
-            self.stop_alignment = StopAlignment.between(self.student_eos_token_ids, self.teacher_eos_token_ids)
-        except ValueError as error:
-            raise ValueError(f"{error} (`student_eos_token_id` is empty)") from None
-        if self.stop_alignment is not None and vocab_size is not None:
-            ids = (self.stop_alignment.canonical_id, *self.stop_alignment.merged_ids)
-            outside = [i for i in ids if i >= vocab_size]
-            if outside:
-                raise ValueError(f"Stop ids {outside} are outside the shared vocabulary of {vocab_size} tokens.")
 
         self._records: list[dict[str, torch.Tensor]] = []
         self._timer = _Timer()

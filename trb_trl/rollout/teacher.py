@@ -1,8 +1,11 @@
 """The teacher stepper: a teacher decoding next to the student inside `generate`, one token per step."""
 
 import time
+from typing import NamedTuple
 
 import torch
+
+from ..stop_alignment import StopAlignment, as_id_list
 
 
 def output_vocab_size(model: torch.nn.Module) -> int:
@@ -30,6 +33,44 @@ def shared_vocab_size(student_vocab: int, teacher_vocab: int, vocab_size: int | 
             "only the lm_head is padded, pass `vocab_size=len(tokenizer)`; otherwise the models cannot be combined."
         )
     return student_vocab
+
+
+class StopSetup(NamedTuple):
+    """The stop ids of a teacher-guided rollout and their alignment (None: both models stop on the same ids)."""
+
+    teacher_eos_token_ids: list[int]
+    student_eos_token_ids: list[int]
+    stop_alignment: StopAlignment | None
+
+
+def stop_setup(teacher_model, student_eos_token_id, teacher_eos_token_id, vocab_size: int | None) -> StopSetup:
+    """Resolve both models' stop ids (the teacher's default to its generation config; the student's, when not given,
+    to the teacher's: the same stop convention, nothing to map) and the alignment that makes them one event, with a
+    clear error for stop ids outside the shared vocabulary."""
+    if teacher_eos_token_id is None:
+        teacher_eos_token_id = getattr(getattr(teacher_model, "generation_config", None), "eos_token_id", None)
+    teacher_ids = as_id_list(teacher_eos_token_id)
+    student_ids = as_id_list(student_eos_token_id) if student_eos_token_id is not None else list(teacher_ids)
+    try:
+        alignment = StopAlignment.between(student_ids, teacher_ids)
+    except ValueError as error:
+        raise ValueError(f"{error} (`student_eos_token_id` is empty)") from None
+    if alignment is not None and vocab_size is not None:
+        outside = [i for i in (alignment.canonical_id, *alignment.merged_ids) if i >= vocab_size]
+        if outside:
+            raise ValueError(f"Stop ids {outside} are outside the shared vocabulary of {vocab_size} tokens.")
+    return StopSetup(teacher_ids, student_ids, alignment)
+
+
+def teacher_vocab_size(teacher_model, vocab_size: int | None) -> int:
+    """The teacher's output size, checked against the tokenizer length `vocab_size` when given."""
+    size = output_vocab_size(teacher_model)
+    if vocab_size is not None and vocab_size > size:
+        raise ValueError(
+            f"The tokenizer has {vocab_size} tokens but the teacher only scores {size}: the student and teacher do "
+            "not share a vocabulary. Use a teacher with the student's tokenizer."
+        )
+    return size
 
 
 class TeacherStepper:

@@ -4,8 +4,7 @@ rows and per-token records. A policy (trust-region blending, teacher injection) 
 import torch
 from transformers import LogitsProcessor
 
-from ..stop_alignment import StopAlignment, as_id_list
-from .teacher import TeacherStepper, output_vocab_size, shared_vocab_size
+from .teacher import TeacherStepper, shared_vocab_size, stop_setup, teacher_vocab_size
 
 
 class TeacherGuidedProcessor(LogitsProcessor):
@@ -53,32 +52,11 @@ class TeacherGuidedProcessor(LogitsProcessor):
         self.prompt_attention_mask = prompt_attention_mask
         self.teacher = TeacherStepper(teacher_model, prompt_attention_mask)
 
-        self.teacher_vocab_size = output_vocab_size(teacher_model)
-        if vocab_size is not None and vocab_size > self.teacher_vocab_size:
-            raise ValueError(
-                f"The tokenizer has {vocab_size} tokens but the teacher only scores {self.teacher_vocab_size}: the "
-                "student and teacher do not share a vocabulary. Use a teacher with the student's tokenizer."
-            )
+        self.teacher_vocab_size = teacher_vocab_size(teacher_model, vocab_size)
         self.vocab_size = vocab_size
-
-        if teacher_eos_token_id is None:
-            generation_config = getattr(teacher_model, "generation_config", None)
-            teacher_eos_token_id = getattr(generation_config, "eos_token_id", None)
-        self.teacher_eos_token_ids = as_id_list(teacher_eos_token_id)
-        # Without explicit student stop ids, the student is assumed to stop where the teacher does (no mapping).
-        self.student_eos_token_ids = (
-            as_id_list(student_eos_token_id) if student_eos_token_id is not None else list(self.teacher_eos_token_ids)
+        self.teacher_eos_token_ids, self.student_eos_token_ids, self.stop_alignment = stop_setup(
+            teacher_model, student_eos_token_id, teacher_eos_token_id, vocab_size
         )
-        try:
-            self.stop_alignment = StopAlignment.between(self.student_eos_token_ids, self.teacher_eos_token_ids)
-        except ValueError as error:
-            raise ValueError(f"{error} (`student_eos_token_id` is empty)") from None
-        if self.stop_alignment is not None and vocab_size is not None:
-            outside = [
-                i for i in (self.stop_alignment.canonical_id, *self.stop_alignment.merged_ids) if i >= vocab_size
-            ]
-            if outside:
-                raise ValueError(f"Stop ids {outside} are outside the shared vocabulary of {vocab_size} tokens.")
 
         self._prompt_length = None
         self._finished = None
