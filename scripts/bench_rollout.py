@@ -26,9 +26,10 @@ the variants run round-robin for `--repeats` rounds; medians are reported with t
 - TRB / (student + teacher) <= 1.10: blending adds little beyond running both models;
 - (epsilon = 0) / student <= 1.02: a processor at epsilon = 0 costs nothing (it never calls the teacher);
 - speculative TRB / student <= 2.0 at epsilon = 0.02 and <= 1.6 at epsilon = 0.002, checked at batch <= 2 only
-  (`--speculative EPS:GAMMA ...` picks the variants, default 0.02:6 and 0.002:16, `EPS:GAMMA:adaptive` lets the
-  engine choose gamma <= GAMMA per round; `--speculative` alone runs none).
-  Their acceptance rate and tokens per teacher forward are printed too.
+  (`--speculative EPS:GAMMA ...` picks the variants, default 0.02:6, 0.002:12 and 0.002:16, `EPS:GAMMA:adaptive`
+  lets the engine choose gamma <= GAMMA per round; `--speculative` alone runs none).
+  Their acceptance rate and tokens per teacher forward are printed too, and on CPU the share of the two models'
+  forwards alone (the part no engine overhead can remove) next to that of the blend, sampling and bookkeeping.
 
 It also reports the teacher's forward time inside TRB, one `trust_region_blend` call timed alone on random logits of
 the same shape, peak CUDA memory per variant on a GPU, and (Linux) how much CPU other processes used meanwhile: CPU
@@ -149,9 +150,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--speculative",
         nargs="*",
-        default=["0.02:6", "0.002:16"],
+        default=["0.02:6", "0.002:12", "0.002:16"],
         metavar="EPS:GAMMA",
-        help="Speculative TRB variants, each a KL budget and a draft length, EPS:GAMMA[:adaptive] (default: 0.02:6 "
+        help="Speculative TRB variants, each a KL budget and a draft length, EPS:GAMMA[:adaptive] (default: 0.02:6 0.002:12 "
         "0.002:16); none if empty.",
     )
     parser.add_argument("--seed", type=int, default=0)
@@ -538,7 +539,8 @@ def run_shape(shape: Shape, args, device: torch.device) -> dict:
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
         if sampler is not None:
-            sequences = sampler.generate(student, **generate_kwargs)
+            with timed_forwards(student, enabled=device.type == "cpu") as drafting:
+                sequences = sampler.generate(student, **generate_kwargs)
         else:
             sequences = model.generate(
                 **generate_kwargs, logits_processor=LogitsProcessorList([processor] if processor is not None else [])
@@ -558,7 +560,7 @@ def run_shape(shape: Shape, args, device: torch.device) -> dict:
         if variant == "trb_eps0" and processor.teacher_forwards != 0:
             raise RuntimeError("epsilon = 0 called the teacher")
         if sampler is not None:
-            speculation[variant].append(sampler.summary())
+            speculation[variant].append(sampler.summary() | {"student_forward_seconds": drafting.get("seconds")})
         return seconds
 
     for variant in variants:  # warm-up
@@ -598,6 +600,15 @@ def run_shape(shape: Shape, args, device: torch.device) -> dict:
             "tokens_per_teacher_forward": statistics.mean(s["tokens_per_teacher_forward"] for s in summaries),
             "teacher_seconds_median": statistics.median(s["teacher_seconds"] for s in summaries),
         }
+        if device.type == "cpu":
+            # The two models' forwards alone, over the student-only rollout: what no engine overhead can go below.
+            student_share = statistics.median(s["student_forward_seconds"] for s in summaries) / medians["student"]
+            teacher_share = speculative_results[name]["teacher_seconds_median"] / medians["student"]
+            speculative_results[name] |= {
+                "student_forwards_over_student": student_share,
+                "teacher_forwards_over_student": teacher_share,
+                "engine_rest_over_student": ratio - student_share - teacher_share,
+            }
         ratios[f"{name}_over_student"] = ratio
         if floor is not None:
             passes[f"{name}_over_student"] = ratio <= floor
@@ -614,6 +625,28 @@ def run_shape(shape: Shape, args, device: torch.device) -> dict:
         **({"peak_memory_bytes": peak_memory} if device.type == "cuda" else {}),
         "pass": passes,
     }
+
+
+@contextlib.contextmanager
+def timed_forwards(model: torch.nn.Module, enabled: bool):
+    """Yields a dict that holds, on exit, the wall seconds spent in `model`'s forwards (CPU only: no CUDA sync)."""
+    result, starts = {}, []
+    if not enabled:
+        yield result
+        return
+    seconds = [0.0]
+    handles = [
+        model.register_forward_pre_hook(lambda module, args: starts.append(time.perf_counter())),
+        model.register_forward_hook(
+            lambda module, args, output: seconds.__setitem__(0, seconds[0] + time.perf_counter() - starts.pop())
+        ),
+    ]
+    try:
+        yield result
+    finally:
+        for handle in handles:
+            handle.remove()
+        result["seconds"] = seconds[0]
 
 
 def speculative_variants(specs: list[str]) -> dict[str, tuple[float, int, bool]]:
@@ -706,6 +739,13 @@ def print_result(result: dict) -> None:
             f"mean draft length {entry['mean_draft_length']:.1f}, "
             f"teacher {entry['teacher_seconds_median']:.3f} s"
         )
+        if "student_forwards_over_student" in entry:
+            models = entry["student_forwards_over_student"] + entry["teacher_forwards_over_student"]
+            print(
+                f"{'':<31} models alone {models:.3f} (student forwards {entry['student_forwards_over_student']:.3f}, "
+                f"teacher {entry['teacher_forwards_over_student']:.3f}), blend, sampling and bookkeeping "
+                f"{entry['engine_rest_over_student']:.3f}"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,9 +1,16 @@
+import math
 from types import SimpleNamespace
 
 import pytest
 from transformers import Qwen3Config
 
-from trb_trl.memory_preflight import GIB, check_rollout_memory, estimate_rollout_memory, kv_cache_bytes
+from trb_trl.memory_preflight import (
+    GIB,
+    check_rollout_memory,
+    estimate_rollout_memory,
+    kv_cache_bytes,
+    speculative_cache_length,
+)
 
 
 QWEN3_1P7B = Qwen3Config(
@@ -62,6 +69,46 @@ def test_sharded_teacher_holds_only_its_shard():
     assert sharded.teacher_weights == gathered.teacher_weights // 8
 
 
+def test_speculative_caches_hold_whole_rounds_of_drafts():
+    # epsilon 0: every draft is kept, so rounds of gamma + 1 columns just cover the completion.
+    assert speculative_cache_length(100, 50, 0.0, 7) == 100 + 7 * 8
+    # epsilon 0.02: acceptance floor 1 - sqrt(0.01) = 0.9, so a round of 7 columns emits sum_{i<7} 0.9^i tokens.
+    tokens_per_round = sum(0.9**i for i in range(7))
+    columns = speculative_cache_length(1024, 7168, 0.02, 6)
+    assert columns == 1024 + math.ceil(7168 / tokens_per_round) * 7
+    assert (columns - 1024) / 7168 == pytest.approx(1.342, abs=1e-3)
+    # epsilon >= 2: no acceptance guarantee, one token per round.
+    assert speculative_cache_length(0, 10, 2.0, 3) == 40
+
+
+def test_the_speculative_cache_width_is_counted_for_both_models():
+    plain = _paper_setup(num_sequences=8)
+    columns = speculative_cache_length(1024, 7168, 0.02, 6)
+    speculative = _paper_setup(num_sequences=8, cache_length=columns)
+    for name in ("student_kv_cache", "teacher_kv_cache"):
+        assert getattr(speculative, name) * (1024 + 7168) == getattr(plain, name) * columns
+    assert f"{columns} columns with drafts" in speculative.explain()
+    assert _paper_setup(num_sequences=8, cache_length=100).total == plain.total  # never below the sequences
+
+
+def test_the_engine_stays_within_the_preflight_cache_width():
+    """Untruncated sampling accepts at least the Pinsker floor, so 200-token rollouts of 4 rows fit the estimate."""
+    import torch
+
+    from trb_trl.rollout import SpeculativeBlendingSampler
+    from trb_trl.testing import build_tiny_qwen3
+
+    student = build_tiny_qwen3(64, seed=0, eos_token_id=1)
+    teacher = build_tiny_qwen3(64, hidden_size=96, num_layers=3, seed=1, eos_token_id=1)
+    input_ids = torch.randint(2, 64, (4, 6), generator=torch.Generator().manual_seed(0))
+    for epsilon, gamma in ((0.05, 4), (0.5, 6)):
+        sampler = SpeculativeBlendingSampler(teacher, epsilon, draft_length=gamma, student_eos_token_id=1)
+        torch.manual_seed(0)
+        sampler.generate(student, input_ids, do_sample=True, top_k=0, max_new_tokens=200, min_new_tokens=200)
+        columns = 6 + sum(sampler._draft_lengths) + len(sampler._draft_lengths)  # every round appends gamma + 1
+        assert 6 + 200 < columns <= speculative_cache_length(6, 200, epsilon, gamma)
+
+
 @pytest.fixture
 def tiny_trainer(tiny_pair_dir, tmp_path):
     from datasets import Dataset
@@ -88,6 +135,10 @@ def test_trainer_runs_the_preflight_with_its_own_numbers(tiny_trainer, monkeypat
         trainer._check_rollout_memory()
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=2**40))
     trainer._check_rollout_memory()
+    trainer.args.trb_rollout_engine, trainer.args.trb_draft_length = "speculative", 6
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=2**20))
+    with pytest.raises(ValueError, match="columns with drafts"):
+        trainer._check_rollout_memory()
 
 
 def test_a_colocated_vllm_engine_that_stays_awake_is_counted():

@@ -10,6 +10,7 @@ from transformers import LogitsProcessorList
 
 from trb_trl import TrustRegionBlendingProcessor
 from trb_trl.rollout import SPECULATIVE_METRICS, TRUST_REGION_METRICS, RolloutStatistics, SpeculativeBlendingSampler
+from trb_trl.rollout.speculative import sample_categorical
 from trb_trl.testing import END_OF_TEXT, IM_END, build_tiny_qwen3, build_word_tokenizer
 
 
@@ -115,6 +116,33 @@ def _goodness_of_fit(observed, probabilities):
 
 def _same_law(first, second):
     return chi2_contingency(np.stack(_pooled(first, second, keep=first + second >= 10))).pvalue
+
+
+def test_sample_categorical_draws_the_normalised_weights_and_never_a_zero_weight():
+    weights = torch.tensor([[0.0, 2.0, 0.0, 1.0, 1.0e-3, 0.0, 5.0]]).expand(200_000, -1)
+    torch.manual_seed(0)
+    draws = sample_categorical(weights)
+    counts = np.bincount(draws.numpy(), minlength=weights.shape[1])
+    assert counts[[0, 2, 5]].sum() == 0
+    probabilities = weights[0].double().numpy() / weights[0].double().sum().item()
+    assert _goodness_of_fit(counts, probabilities) > 1e-3
+
+
+def test_sample_categorical_resolves_tiny_weights_behind_a_large_cumulative_mass(monkeypatch):
+    """At V = 151,936 a token of mass 1e-9 after half the mass is invisible to a float32 cumulative sum (its ulp at
+    0.5 is 6e-8); the float64 one gives it its own interval, and zero-weight tokens at its edges never take it."""
+    vocab = 151_936
+    weights = torch.zeros(1, vocab)
+    weights[0, :150_000] = 0.5 / 150_000
+    weights[0, 150_001] = 1e-9
+    weights[0, vocab - 1] = 0.5
+    cumulative = weights.cumsum(-1, dtype=torch.float64)[0]
+    inside = (cumulative[150_000] + cumulative[150_001]) / 2 / cumulative[-1]
+    for fraction, token in ((0.0, 0), (float(inside), 150_001), (1.0 - 1e-16, vocab - 1)):
+        monkeypatch.setattr(
+            torch, "rand", lambda *shape, fraction=fraction, **kwargs: torch.full(shape, fraction, **kwargs)
+        )
+        assert int(sample_categorical(weights)) == token
 
 
 @pytest.fixture(scope="module")

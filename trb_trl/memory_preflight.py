@@ -5,9 +5,11 @@ student's and the teacher's KV caches for one `generate` chunk at full length (e
 `generate` returns, so chunks never coexist), each rank's share of the student's training state, and, with a
 colocated vLLM engine that is not put to sleep, the memory vLLM reserved. The estimate is arithmetic on the configs,
 not a measurement: it is meant to catch the configurations that cannot fit and to show the numbers, not to predict
-peak memory to the byte.
+peak memory to the byte. The speculative rollout engine keeps rejected drafts (masked) in both caches, so its caches
+are wider than the sequences they hold ([`speculative_cache_length`]).
 """
 
+import math
 from dataclasses import dataclass
 
 
@@ -27,6 +29,19 @@ def kv_cache_bytes(config, num_sequences: int, sequence_length: int, dtype_bytes
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
     return 2 * text.num_hidden_layers * kv_heads * head_dim * num_sequences * sequence_length * dtype_bytes
+
+
+def speculative_cache_length(prompt_tokens: int, completion_tokens: int, epsilon: float, draft_length: int) -> int:
+    """KV-cache columns of a speculative rollout of `completion_tokens` tokens: every round appends `draft_length` + 1
+    columns to both caches (rejected drafts stay, masked) and emits E = (1 - a^(gamma + 1)) / (1 - a) tokens per
+    sequence, taken at the acceptance floor a = 1 - sqrt(epsilon / 2) (Pinsker; the largest epsilon of the warmup is
+    the widest). An expectation, not a bound: the slowest row of a chunk may run a few more rounds, and top-k / top-p
+    truncation can accept below that floor (it truncates mu* and the student separately; on a near-uniform tiny model
+    top-k 50 of 64 tokens accepted 0.6 at epsilon = 0.05, against a floor of 0.84)."""
+    gamma = draft_length
+    alpha = max(0.0, 1.0 - math.sqrt(epsilon / 2.0))
+    per_round = gamma + 1 if alpha >= 1.0 else (1.0 - alpha ** (gamma + 1)) / (1.0 - alpha)
+    return prompt_tokens + math.ceil(completion_tokens / per_round) * (gamma + 1)
 
 
 @dataclass
@@ -69,9 +84,11 @@ def estimate_rollout_memory(
     gather_teacher: bool,
     vllm_reserved_fraction: float = 0.0,
     device_bytes: int = 0,
+    cache_length: int | None = None,
 ) -> RolloutMemoryEstimate:
     """Estimate per-GPU memory of a TRB rollout whose `generate` chunks hold `num_sequences` sequences of up to
-    `sequence_length` tokens. `vllm_reserved_fraction` of `device_bytes` is held by a colocated vLLM engine."""
+    `sequence_length` tokens. `vllm_reserved_fraction` of `device_bytes` is held by a colocated vLLM engine.
+    `cache_length` is the KV caches' width when it exceeds `sequence_length` (the speculative engine)."""
     shards = max(world_size, 1)
     student_full = student_params * dtype_bytes
     teacher_full = teacher_params * dtype_bytes
@@ -88,16 +105,18 @@ def estimate_rollout_memory(
         student_weights, teacher_weights = student_full, teacher_full
         training = TRAINING_BYTES_PER_PARAM * student_params
         layout = "no sharding (DDP or single device)"
-    student_kv = kv_cache_bytes(student_config, num_sequences, sequence_length, dtype_bytes)
-    teacher_kv = kv_cache_bytes(teacher_config, num_sequences, sequence_length, dtype_bytes)
+    columns = max(cache_length or 0, sequence_length)
+    student_kv = kv_cache_bytes(student_config, num_sequences, columns, dtype_bytes)
+    teacher_kv = kv_cache_bytes(teacher_config, num_sequences, columns, dtype_bytes)
+    chunk = "one generate chunk" if columns == sequence_length else f"one chunk, {columns} columns with drafts"
     gathered = "gathered" if zero_stage != 3 or gather_teacher else f"1/{shards} shard"
     vllm = int(vllm_reserved_fraction * device_bytes)
     rows = [
         (f"student weights {student_params / 1e9:.2f}B x {dtype_bytes} B", student_weights),
         (f"teacher weights {teacher_params / 1e9:.2f}B x {dtype_bytes} B ({gathered})", teacher_weights),
         (f"student training state ({TRAINING_BYTES_PER_PARAM} B/param, rank share)", training),
-        ("student KV cache (one generate chunk)", student_kv),
-        ("teacher KV cache (one generate chunk)", teacher_kv),
+        (f"student KV cache ({chunk})", student_kv),
+        (f"teacher KV cache ({chunk})", teacher_kv),
     ]
     if vllm:
         rows.append((f"colocated vLLM engine ({vllm_reserved_fraction:.0%} of the device, awake)", vllm))

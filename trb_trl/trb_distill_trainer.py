@@ -10,7 +10,12 @@ from transformers.utils import logging
 from ._compat import DistillationTrainer, divergence_function_replaced
 from .losses.stop_aligned_divergence import stop_aligned_divergence_loss
 from .losses.top_k_divergence import top_k_divergence_loss
-from .memory_preflight import check_rollout_memory, count_parameters, estimate_rollout_memory
+from .memory_preflight import (
+    check_rollout_memory,
+    count_parameters,
+    estimate_rollout_memory,
+    speculative_cache_length,
+)
 from .rollout import (
     SPECULATIVE_METRICS,
     TEACHER_INJECTION_METRICS,
@@ -203,24 +208,31 @@ class TRBDistillTrainer(DistillationTrainer):
         """Fail (or warn) before training if a TRB rollout cannot fit on the GPU, showing the arithmetic."""
         student = self.accelerator.unwrap_model(self.model)
         teacher = self.accelerator.unwrap_model(self.teacher_model)
-        generation_batch = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
+        args = self.args
+        generation_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps
         device_bytes = torch.cuda.get_device_properties(self.accelerator.device).total_memory
+        cache_length = None
+        if args.uses_trust_region and args.trb_rollout_engine == "speculative":
+            cache_length = speculative_cache_length(
+                ASSUMED_PROMPT_TOKENS, args.max_completion_length, args.trb_epsilon, args.trb_draft_length
+            )
         estimate = estimate_rollout_memory(
             student_config=student.config,
             teacher_config=teacher.config,
             student_params=count_parameters(student),
             teacher_params=count_parameters(teacher),
-            num_sequences=min(generation_batch, self.args.trb_generation_batch_size or generation_batch),
-            sequence_length=ASSUMED_PROMPT_TOKENS + self.args.max_completion_length,
+            num_sequences=min(generation_batch, args.trb_generation_batch_size or generation_batch),
+            sequence_length=ASSUMED_PROMPT_TOKENS + args.max_completion_length,
             dtype_bytes=next(teacher.parameters()).dtype.itemsize,
             world_size=self.accelerator.num_processes,
             zero_stage=self._dist.zero_stage,
-            gather_student=self.args.ds3_gather_for_generation,
-            gather_teacher=self.args.trb_gather_teacher_for_generation,
+            gather_student=args.ds3_gather_for_generation,
+            gather_teacher=args.trb_gather_teacher_for_generation,
             vllm_reserved_fraction=self._vllm_reserved_fraction(),
             device_bytes=device_bytes,
+            cache_length=cache_length,
         )
-        warning = check_rollout_memory(estimate, device_bytes, self.args.trb_memory_preflight)
+        warning = check_rollout_memory(estimate, device_bytes, args.trb_memory_preflight)
         if warning:
             logger.warning(warning)
 
