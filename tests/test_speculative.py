@@ -138,11 +138,16 @@ def test_sample_categorical_resolves_tiny_weights_behind_a_large_cumulative_mass
     weights[0, vocab - 1] = 0.5
     cumulative = weights.cumsum(-1, dtype=torch.float64)[0]
     inside = (cumulative[150_000] + cumulative[150_001]) / 2 / cumulative[-1]
-    for fraction, token in ((0.0, 0), (float(inside), 150_001), (1.0 - 1e-16, vocab - 1)):
+    trailing_zeros = weights.clone()
+    trailing_zeros[0, vocab - 1], trailing_zeros[0, 150_002] = 0.0, 0.5
+    cases = [(weights, 0.0, 0), (weights, float(inside), 150_001), (weights, 1.0 - 1e-16, vocab - 1)]
+    # A draw that rounds up to the total lands on the last token of positive weight, not on the zeros after it.
+    cases += [(trailing_zeros, 1.0, 150_002)]
+    for row, fraction, token in cases:
         monkeypatch.setattr(
             torch, "rand", lambda *shape, fraction=fraction, **kwargs: torch.full(shape, fraction, **kwargs)
         )
-        assert int(sample_categorical(weights)) == token
+        assert int(sample_categorical(row)) == token
 
 
 @pytest.fixture(scope="module")

@@ -129,8 +129,11 @@ def sample_categorical(weights: torch.Tensor) -> torch.LongTensor:
     more at V = 4096 and 20x more at V = 151,936: the engine samples once per draft. A token of zero weight is never
     drawn (its interval is empty), and float64 keeps the intervals of tokens far below 1e-7 exact to ~1e-16."""
     cumulative = weights.cumsum(-1, dtype=torch.float64)
-    draw = torch.rand(weights.shape[0], 1, dtype=torch.float64, device=weights.device) * cumulative[:, -1:]
-    return torch.searchsorted(cumulative, draw, right=True).squeeze(1).clamp_max_(weights.shape[-1] - 1)
+    total = cumulative[:, -1:].contiguous()
+    draw = torch.rand(weights.shape[0], 1, dtype=torch.float64, device=weights.device) * total
+    # A draw that rounds up to the total would land past the end: it belongs to the last token of positive weight.
+    last = torch.searchsorted(cumulative, total, right=False)
+    return torch.minimum(torch.searchsorted(cumulative, draw, right=True), last).squeeze(1)
 
 
 def _forward(model, cache, input_ids, attention_mask, position_ids, logits_to_keep):
