@@ -6,6 +6,7 @@ import pytest
 import torch
 from reference import blend_row_reference
 from scipy.stats import chi2_contingency, chisquare
+from teacher_doubles import StopLovingTeacher
 from transformers import LogitsProcessorList
 
 from trb_trl import TrustRegionBlendingProcessor
@@ -311,28 +312,13 @@ def test_greedy_is_token_identical_to_the_processor_path(
     assert sampler.teacher_forwards < max(lengths)  # rounds emitted several tokens
 
 
-class _StopLovingTeacher(torch.nn.Module):
-    """Always puts almost all its mass on its own stop id."""
-
-    def __init__(self, vocab_size, stop_id):
-        super().__init__()
-        self.config = SimpleNamespace(get_text_config=lambda: SimpleNamespace(vocab_size=vocab_size))
-        self.generation_config = SimpleNamespace(eos_token_id=stop_id)
-        self.logits = torch.zeros(vocab_size)
-        self.logits[stop_id] = 12.0
-
-    def forward(self, input_ids, past_key_values=None, **kwargs):
-        logits = self.logits.expand(input_ids.shape[0], input_ids.shape[1], -1)
-        return SimpleNamespace(logits=logits, past_key_values=past_key_values or "cache")
-
-
 @pytest.mark.parametrize("map_stop", [True, False])
 def test_teacher_stop_mass_is_mapped_onto_the_student_stop_id(
     student, tokenizer, left_padded_batch, eos_ids, map_stop
 ):
     endoftext, im_end = eos_ids
     sampler = SpeculativeBlendingSampler(
-        _StopLovingTeacher(len(tokenizer), im_end),
+        StopLovingTeacher(len(tokenizer), im_end),
         1e9,
         draft_length=4,
         student_eos_token_id=endoftext,

@@ -5,6 +5,7 @@ import pytest
 import torch
 from reference import blend_row_reference
 from scipy.stats import chisquare
+from teacher_doubles import StopLovingTeacher
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from trb_trl import TrustRegionBlendingProcessor
@@ -146,25 +147,10 @@ def test_sampled_tokens_follow_the_reference_blend(student, teacher, tokenizer):
     assert chisquare(observed, pooled * observed.sum() / pooled.sum()).pvalue < 1e-6
 
 
-class _StopLovingTeacher(torch.nn.Module):
-    """A teacher that always puts almost all its mass on its own stop token (an instruct teacher's `<|im_end|>`)."""
-
-    def __init__(self, vocab_size, stop_id):
-        super().__init__()
-        self.config = SimpleNamespace(get_text_config=lambda: SimpleNamespace(vocab_size=vocab_size))
-        self.generation_config = SimpleNamespace(eos_token_id=stop_id)
-        self.logits = torch.zeros(vocab_size)
-        self.logits[stop_id] = 12.0
-
-    def forward(self, input_ids, past_key_values=None, **kwargs):
-        logits = self.logits.expand(input_ids.shape[0], 1, -1)
-        return SimpleNamespace(logits=logits, past_key_values=past_key_values or "cache")
-
-
 @pytest.mark.parametrize("map_stop", [True, False])
 def test_teacher_stop_mass_is_mapped_onto_the_student_stop_id(student, tokenizer, left_padded_batch, map_stop):
     endoftext, im_end = tokenizer.convert_tokens_to_ids([END_OF_TEXT, IM_END])
-    teacher = _StopLovingTeacher(len(tokenizer), im_end)
+    teacher = StopLovingTeacher(len(tokenizer), im_end)
     processor = TrustRegionBlendingProcessor(
         teacher,
         1e9,
@@ -313,7 +299,7 @@ def test_release_frees_the_teacher_cache_and_keeps_the_statistics(student, teach
     assert torch.equal(processor.statistics()["beta"], before["beta"]) and before["beta"].numel() > 0
 
 
-class _BrokenTeacher(_StopLovingTeacher):
+class _BrokenTeacher(StopLovingTeacher):
     """Returns NaN logits for row 0 and finite ones elsewhere."""
 
     def forward(self, input_ids, past_key_values=None, **kwargs):

@@ -35,7 +35,7 @@ from ..memory_preflight import count_parameters
 from ..stop_alignment import as_id_list
 from .statistics import TokenMetric
 from .teacher import output_vocab_size, shared_vocab_size, stop_setup, teacher_vocab_size
-from .trust_region import TrustRegionBlendingProcessor, blend_summary
+from .trust_region import TrustRegionBlendingProcessor, blend_summary, check_epsilon
 
 
 # Logged next to `TRUST_REGION_METRICS` (prefix `trb/`) for speculative rollouts, over the same tokens. Each row-round
@@ -296,13 +296,7 @@ class SpeculativeBlendingSampler:
         synced: bool = False,
         drafter_factory: Callable[[torch.nn.Module], Drafter] | None = None,
     ):
-        if isinstance(epsilon, torch.Tensor):
-            if epsilon.dim() > 1:
-                raise ValueError(
-                    f"epsilon must be a float or a (batch_size,) tensor, got shape {tuple(epsilon.shape)}."
-                )
-        elif not epsilon >= 0:
-            raise ValueError(f"epsilon must be >= 0, got {epsilon}.")
+        check_epsilon(epsilon)
         if not isinstance(draft_length, int) or draft_length < 1:
             raise ValueError(f"draft_length must be an integer >= 1 (tokens drafted per round), got {draft_length}.")
         if not temperature > 0:

@@ -20,6 +20,15 @@ TRUST_REGION_METRICS = (
 )
 
 
+def check_epsilon(epsilon: float | torch.Tensor) -> None:
+    """A KL budget is a float >= 0 or one per row, a `(batch_size,)` tensor."""
+    if isinstance(epsilon, torch.Tensor):
+        if epsilon.dim() > 1:
+            raise ValueError(f"epsilon must be a float or a (batch_size,) tensor, got shape {tuple(epsilon.shape)}.")
+    elif not epsilon >= 0:
+        raise ValueError(f"epsilon must be >= 0, got {epsilon}.")
+
+
 def blend_summary(stats: dict[str, torch.Tensor]) -> dict[str, float]:
     """Aggregates of per-token blend records (`beta`, `kl_to_student`, `kl_to_teacher`, `teacher_valid`)."""
     beta = stats["beta"]
@@ -100,13 +109,7 @@ class TrustRegionBlendingProcessor(TeacherGuidedProcessor):
         student_eos_token_id: int | list[int] | None = None,
         teacher_eos_token_id: int | list[int] | None = None,
     ):
-        if isinstance(epsilon, torch.Tensor):
-            if epsilon.dim() > 1:
-                raise ValueError(
-                    f"epsilon must be a float or a (batch_size,) tensor, got shape {tuple(epsilon.shape)}."
-                )
-        elif not epsilon >= 0:
-            raise ValueError(f"epsilon must be >= 0, got {epsilon}.")
+        check_epsilon(epsilon)
         super().__init__(
             teacher_model,
             prompt_attention_mask=prompt_attention_mask,
