@@ -16,7 +16,9 @@ Variants, all called as TRL's `DistillationTrainer._compute_loss` calls its dive
 
 - `trl`: TRL's `_chunked_divergence_loss` (full-vocabulary generalized JSD, here `beta = 1`, reverse KL);
 - `stop_aligned`: `stop_aligned_divergence_loss` with the Qwen3 stop alignment (same divergence, ids merged);
-- `top_k`: `top_k_divergence_loss(top_k=16)` (the TRB paper's student-top-16 reverse KL), stop-aligned;
+- `top_k`: `top_k_divergence_loss(top_k=16)` (the TRB paper's student-top-16 reverse KL, its policy-gradient form),
+  stop-aligned;
+- `top_k_renormalized`: the same with `estimator="renormalized"` (both models renormalised over the top-16);
 - `tropd`: `tropd_loss` with TrOPD's default objective (adaptive trust region, top-64 forward KL on outliers).
 
 Each (variant, dtype) runs in a fresh subprocess so that peaks do not leak between variants. The subprocess builds its
@@ -38,7 +40,7 @@ import sys
 import time
 
 
-VARIANTS = ("trl", "stop_aligned", "top_k", "tropd")
+VARIANTS = ("trl", "stop_aligned", "top_k", "top_k_renormalized", "tropd")
 DTYPES = ("float32", "bfloat16")
 QWEN3_ENDOFTEXT_ID, QWEN3_IM_END_ID = 151_643, 151_645
 
@@ -50,7 +52,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokens", type=int, default=2048, help="Valid completion tokens in the micro-batch.")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, help="Losses to run.")
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=DTYPES, help="Head and hidden dtypes.")
-    parser.add_argument("--top-k", type=int, default=16, help="Support size of the `top_k` variant (the paper: 16).")
+    parser.add_argument("--top-k", type=int, default=16, help="Support size of the `top_k*` variants (the paper: 16).")
     parser.add_argument("--tropd-k", type=int, default=64, help="Teacher top-k of the `tropd` variant (TrOPD: 64).")
     parser.add_argument("--repeats", type=int, default=2, help="Timed forward + backward passes after the first.")
     parser.add_argument("--device", default="cpu", help="`cpu` or `cuda`.")
@@ -107,8 +109,9 @@ def _loss_function(variant, args, completion_ids, trust_draws):
         return _distillation_module._chunked_divergence_loss
     if variant == "stop_aligned":
         return functools.partial(stop_aligned_divergence_loss, alignment=alignment)
-    if variant == "top_k":
-        return functools.partial(top_k_divergence_loss, top_k=args.top_k, alignment=alignment)
+    if variant in ("top_k", "top_k_renormalized"):
+        estimator = "renormalized" if variant == "top_k_renormalized" else "policy_gradient"
+        return functools.partial(top_k_divergence_loss, top_k=args.top_k, alignment=alignment, estimator=estimator)
     spec = TrOPDLossSpec(top_k=args.tropd_k)
     return functools.partial(
         tropd_loss, completion_ids=completion_ids, trust_draws=trust_draws, spec=spec, alignment=alignment
@@ -191,15 +194,15 @@ def _run_worker(args, variant, dtype) -> dict:
 def _table(results) -> str:
     mib = 2**20
     lines = [
-        f"| {'variant':<13} | {'dtype':<8} | {'time (s)':>9} | {'peak above inputs (MiB)':>24} | {'loss':>9} |",
-        f"|{'-' * 15}|{'-' * 10}|{'-' * 11}|{'-' * 26}|{'-' * 11}|",
+        f"| {'variant':<18} | {'dtype':<8} | {'time (s)':>9} | {'peak above inputs (MiB)':>24} | {'loss':>9} |",
+        f"|{'-' * 20}|{'-' * 10}|{'-' * 11}|{'-' * 26}|{'-' * 11}|",
     ]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['variant']:<13} | {r['dtype']:<8} | failed: {r['error']} |")
+            lines.append(f"| {r['variant']:<18} | {r['dtype']:<8} | failed: {r['error']} |")
             continue
         lines.append(
-            f"| {r['variant']:<13} | {r['dtype']:<8} | {r['median_seconds']:>9.2f} | "
+            f"| {r['variant']:<18} | {r['dtype']:<8} | {r['median_seconds']:>9.2f} | "
             f"{r['peak_bytes_above_inputs'] / mib:>24.0f} | {r['loss']:>9.4f} |"
         )
     return "\n".join(lines)

@@ -43,7 +43,7 @@ POLICY = {"fixed_epsilon": "fixed_epsilon", "skd": "skd", "temperature": "temper
 
 
 def _swept(overrides: dict) -> dict:
-    fixed = ("rollout_policy", "trb_schedule", "loss_top_k")
+    fixed = ("rollout_policy", "trb_schedule", "loss_top_k", "loss_top_k_estimator")
     return {key: value for key, value in overrides.items() if key not in fixed}
 
 
@@ -65,6 +65,7 @@ def test_grids_are_the_papers():
         assert sorted(map(str, (_swept(p.overrides) for p in points))) == sorted(map(str, expected)), method
         assert all(p.overrides["rollout_policy"] == POLICY.get(method, "student") for p in points)
         assert all(p.overrides["loss_top_k"] == 16 for p in points)  # the TRB paper's loss for every method
+        assert all(p.overrides["loss_top_k_estimator"] == "policy_gradient" for p in points)  # in its own form
     tropd = method_points("tropd")
     assert {tuple(p.overrides[key] for key in TROPD_KEYS) for p in tropd} == TROPD_ROWS and len(tropd) == 9
     assert all(p.overrides["trainer"] == "tropd" and "loss_top_k" not in p.overrides for p in tropd)
@@ -129,7 +130,10 @@ def test_every_generated_recipe_is_a_valid_config_of_its_point(sweep_dir, monkey
         defaults = {field.name: field.default for field in dataclasses.fields(config_class)}
         for key in METHOD_KEYS:
             if key in defaults:
-                assert getattr(args, key) == point.overrides.get(key, defaults[key]), (path.name, key)
+                expected = point.overrides.get(key, defaults[key])
+                if key == "trb_epsilon" and expected is None:  # TrOPDConfig's: 0 with a policy that never blends
+                    expected = 0.0
+                assert getattr(args, key) == expected, (path.name, key)
         for ours, theirs in zip(parsed, base[:-2], strict=True):
             for field in dataclasses.fields(theirs):  # the TRB base's fields; TrOPD's own are method keys
                 if field.name not in ignored:
@@ -170,6 +174,7 @@ def test_methods_filter_prefix_and_a_base_without_naming_keys(tmp_path):
         "skd_top_k": 15,
         "skd_teacher_temperature": 0.2,
         "loss_top_k": 16,
+        "loss_top_k_estimator": "policy_gradient",
         "output_dir": "outputs/pair-skd-k15-tauT0.2",
         "run_name": "pair-skd-k15-tauT0.2",
     }

@@ -230,3 +230,32 @@ def test_invalid_inputs_raise_clear_errors():
         LogitSpec(temperature=0.0)
     with pytest.raises(ValueError, match="softcap"):
         LogitSpec(softcap=-1.0)
+
+
+@pytest.mark.parametrize("normalize", ["full", "subset"])
+def test_tiny_log_probs_of_peaked_rows_at_tempered_logits_near_350(normalize):
+    """|z / tau| ~ 350 (logits ~ +-35 at tau = 0.1), near-one-hot rows: the top id's log-prob is -2e-4 to -7e-6. At
+    that magnitude float32 is spaced 3e-5 apart, so `chosen - logsumexp(logits)` loses ~1e-5 nats, often more than the
+    whole log-prob; log_softmax keeps `z - max` exact. The reference is float64 on the same (float32-representable) inputs:
+    the top ids are pinned to 5e-7 nats, the other ids to the float32 rounding of the tempered logits themselves.
+    (`"subset"`, a log_softmax over the chosen logits, was never affected: the control.)"""
+    generator = torch.Generator().manual_seed(11)
+    h = torch.randn(32, 8, generator=generator, dtype=torch.float64)
+    w = 0.03 * torch.randn(64, 8, generator=generator, dtype=torch.float64)
+    b = 35.0 - 1.2 - torch.rand(64, generator=generator, dtype=torch.float64)  # ~12-22 nats below the top, tempered
+    b[0] = 35.0
+    b[32:] -= 70.0  # half the tempered logits near -350, half near +350
+    h, w, b = (x.float().double() for x in (h, w, b))  # exactly representable in float32
+    spec = LogitSpec(temperature=0.1)
+    reference = logprobs_reference(h, w, b, temperature=0.1)
+    assert 250 < ((h @ w.T + b) / 0.1).abs().min() and ((h @ w.T + b) / 0.1).abs().max() < 450
+    ids = reference.topk(3, dim=-1).indices
+    expected = reference.gather(-1, ids)
+    if normalize == "subset":
+        expected = expected - torch.logsumexp(expected, dim=-1, keepdim=True)
+    assert expected[:, 0].max() < 0 and expected[:, 0].min() > -1e-3  # tiny top log-probs
+    leaves, logprobs = _run(gathered_logprobs, h, w, b, ids, spec, vocab_size=64, normalize=normalize)
+    torch.testing.assert_close(logprobs[:, 0].double(), expected[:, 0], rtol=0, atol=5e-7)
+    torch.testing.assert_close(logprobs.double(), expected, rtol=0, atol=2e-4)
+    top = top_k_logprobs(h.float(), w.float(), b.float(), spec, vocab_size=64, k=3, normalize=normalize)[1]
+    torch.testing.assert_close(top[:, 0].double(), expected[:, 0], rtol=0, atol=5e-7)

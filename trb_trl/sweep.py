@@ -12,7 +12,9 @@ of each; the TrOPD paper (arXiv 2606.01249) ablates its loss and guidance row by
 `PAPER_GRIDS` holds those grids; `sweep_points` turns them into `(name, overrides)` pairs, and `write_sweep`
 writes one recipe per point. A generated recipe is the base recipe with its method keys (`METHOD_KEYS`) replaced by
 the point's and `output_dir` / `run_name` named for the point, so every run of a sweep shares the base's budget, seed
-and data (the method keys include the loss: each paper's own, `loss_top_k: 16` for the TRB paper's points). The base is edited line by line, so its other keys and their comments stay as written.
+and data (the method keys include the loss: each paper's own, `loss_top_k: 16` and
+`loss_top_k_estimator: policy_gradient` for the TRB paper's points). The base is edited line by line, so its other
+keys and their comments stay as written.
 
 Standard library and PyYAML only: `trb-trl sweep` imports neither torch nor TRL.
 """
@@ -48,6 +50,7 @@ METHOD_KEYS = (
     "veto_decay_steps",
     "sft_warmup_steps",
     "loss_top_k",
+    "loss_top_k_estimator",
     "trainer",
     "tropd_objective",
     "tropd_outlier",
@@ -78,9 +81,9 @@ class SweepMethod(NamedTuple):
     source: str = "the TRB paper's sweep grid (arXiv 2605.31159, Appendix A.2; trb_trl/sweep.py)"
 
 
-# The TRB paper trains every method with reverse KL over the student's top-16 tokens (Appendix A): every point of its
-# grids sets it, so a point is the paper's whatever the base recipe's loss.
-_TRB_LOSS = {"loss_top_k": 16}
+# The TRB paper trains every method with reverse KL over the student's top-16 tokens (Appendix A), in its reference
+# code's policy-gradient form: every point of its grids sets both, so a point is the paper's whatever the base's loss.
+_TRB_LOSS = {"loss_top_k": 16, "loss_top_k_estimator": "policy_gradient"}
 # TrOPD's settings shared by every row of its ablation (arXiv 2606.01249, §4): k = 64, guidance weight 1e-3; the prefix
 # length drawn uniformly up to the annealed maximum is ours (docs/tropd.md).
 _TROPD = {
@@ -271,7 +274,10 @@ def render_point(base_text: str, point: SweepPoint, *, name: str, base_path: str
     method = name_method(point.name)
     values = {key: _format_value(value) for key, value in point.overrides.items()}
     loss = (
-        " Loss: reverse KL over the student's top-16 tokens (loss_top_k)." if "loss_top_k" in point.overrides else ""
+        " Loss: reverse KL over the student's top-16 tokens, the paper's policy-gradient form (loss_top_k, "
+        "loss_top_k_estimator)."
+        if "loss_top_k" in point.overrides
+        else ""
     )
     comment = (
         f"Method, sweep point {point.name}: {PAPER_GRIDS[method].summary.format(**values)}{loss} Method keys not "
