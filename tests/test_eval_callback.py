@@ -14,7 +14,13 @@ from transformers.integrations.integration_utils import rewrite_logs
 
 from trb_trl import TRBDistillConfig
 from trb_trl.evaluation import callback as callback_module
-from trb_trl.evaluation.callback import RESULTS_FILE, MathEvalCallback, _preserved_rng_state, metric_key
+from trb_trl.evaluation.callback import (
+    RESULTS_FILE,
+    MathEvalCallback,
+    _preserved_rng_state,
+    metric_key,
+    process_share,
+)
 
 
 NAME = "five"  # the local benchmark's file stem, its name in the metric keys
@@ -153,6 +159,24 @@ def test_best_step_is_recorded_with_its_checkpoint_and_kept_by_rotation(
     results = json.loads((out / RESULTS_FILE).read_text())
     assert [e["step"] for e in results["evaluations"]] == [0, 2, 4]
     assert [e["mean_pass@1"] for e in results["evaluations"]] == pytest.approx([0.2, 0.6, 0.1])
+
+
+@pytest.mark.parametrize("num_problems", [1, 3, 4, 5])
+def test_every_process_share_is_padded_to_the_same_size(num_problems):
+    """Fewer problems than processes, or a share one short: every process samples as many problems as the largest
+    share, its own first, and together they hold every problem once. Padding ids are new (a problem already named
+    `padding-0` included)."""
+    from trb_trl.evaluation.benchmarks import Benchmark, Problem
+
+    problems = tuple(Problem(str(i) if i else "padding-0", f"w{i}", str(i)) for i in range(num_problems))
+    benchmark = Benchmark("b", problems, 1, "b.jsonl")
+    world = 4
+    shares = [process_share(benchmark, world, rank) for rank in range(world)]
+    assert {len(share.problems) + len(padding) for share, padding in shares} == {-(-num_problems // world)}
+    for rank, (share, padding) in enumerate(shares):
+        assert share.problems == problems[rank::world]
+        assert all(p.problem == problems[0].problem and p.id not in {q.id for q in problems} for p in padding)
+        assert len({p.id for p in padding}) == len(padding)
 
 
 def test_dashboards_show_the_scores_under_eval():

@@ -255,6 +255,37 @@ def test_score_benchmarks_in_memory(bench_file, student, tokenizer):
     assert fake["mean"] == pytest.approx(sum(c / N for c in CORRECT) / 5)
 
 
+def test_padding_is_sampled_in_the_same_batches_and_not_graded(bench_file, tokenizer):
+    """A distributed evaluation pads a short (or empty) share with problems that are sampled, not graded."""
+    from dataclasses import replace
+
+    benchmark = load_benchmark(bench_file)
+    kwargs = dict(
+        num_samples=N, temperature=1.0, top_p=1.0, max_new_tokens=4, system_prompt=None, batch_size=3, seed=0
+    )
+    pad = benchmark.problems[4]  # all N samples correct: graded, it would raise the score
+    share = replace(benchmark, problems=benchmark.problems[:2])
+    sampler = FakeSampler()
+    padded = score_benchmarks(None, tokenizer, [share], **kwargs, sampler=sampler, padding={"five": [pad]})
+    scores = padded["benchmarks"]["five"]
+    assert padded["mean"] == scores["pass@1"] == pytest.approx((0 + 1 / N) / 2)  # p0 and p1 only
+    assert (scores["num_problems"], scores["num_correct"]) == (2, 1)
+    # 3 problems x N samples in batches of 3: the padding's samples share the last real batch, as a full share's would.
+    assert [len(requests) for requests, _ in sampler.calls] == [3, 3, 3, 3]
+    assert sampler.keys[-N:] == [("five", "p4", j) for j in range(N)]
+
+    sampler = FakeSampler()
+    empty = replace(benchmark, problems=())
+    nothing = score_benchmarks(None, tokenizer, [empty], **kwargs, sampler=sampler, padding={"five": [pad]})
+    scores = nothing["benchmarks"]["five"]
+    assert (scores["pass@1"], scores["num_problems"], scores["num_samples"]) == (None, 0, N)
+    assert nothing["mean"] is None and sampler.keys == [("five", "p4", j) for j in range(N)]
+    with pytest.raises(ValueError, match="reuses problem ids"):
+        score_benchmarks(
+            None, tokenizer, [share], **kwargs, sampler=FakeSampler(), padding={"five": share.problems[:1]}
+        )
+
+
 def test_hf_sampler_left_padding_and_neutral_sampling(student, tokenizer):
     prompts = [render_prompt(tokenizer, "w1", None), render_prompt(tokenizer, "w2 w3 w4 w5 w6 w7 w8 w9", None)]
     greedy = HFSampler(student, tokenizer, temperature=0.0, top_p=1.0, max_new_tokens=5)

@@ -163,3 +163,100 @@ def test_trainer_counts_vllm_only_when_colocated_and_awake(tiny_trainer):
     assert trainer._vllm_reserved_fraction() == 0.0
     trainer.args.vllm_enable_sleep_mode, trainer.args.vllm_mode = False, "server"
     assert trainer._vllm_reserved_fraction() == 0.0
+
+
+def test_a_rollout_where_one_model_decodes_holds_only_that_models_cache():
+    """TrOPD's student continuation in the Qwen3 recipe (32 rows per process, ZeRO-3 over 8): the student's KV cache at
+    prompt + l_max + completion columns, the teacher's resident shard, no teacher cache."""
+    estimate = _paper_setup(sequence_length=1024 + 2 * 7168, teacher_generates=False, phase="student rollout")
+    assert estimate.student_kv_cache / GIB == pytest.approx(52.5, abs=0.1)
+    assert estimate.teacher_kv_cache == 0 and "teacher KV cache" not in estimate.explain()
+    assert estimate.teacher_weights == 8_190_735_360 * 2 // 8  # resident shard, not gathered
+    assert "student rollout: 32 sequences x 15360 tokens" in estimate.explain()
+    with pytest.raises(ValueError, match="The student rollout is estimated not to fit"):
+        check_rollout_memory(estimate, 40 * GIB)
+    prefixes = _paper_setup(student_generates=False, phase="TrOPD teacher-prefix rollout")
+    assert prefixes.student_kv_cache == 0 and prefixes.student_weights == 1_720_574_976 * 2 // 8
+    no_teacher = _paper_setup(teacher_config=None, teacher_params=0)
+    assert (
+        no_teacher.teacher_weights == no_teacher.teacher_kv_cache == 0
+        and "teacher weights" not in no_teacher.explain()
+    )
+
+
+def _phases(trainer, **args):
+    for name, value in args.items():
+        setattr(trainer.args, name, value)
+    return [
+        (p.phase, p.num_sequences, p.sequence_length, p.teacher_generates) for p in trainer._rollout_memory_phases()
+    ]
+
+
+def test_every_policy_is_checked_at_each_rollout_it_makes(tiny_trainer, monkeypatch):
+    """The teacher-guided rollout in chunks, and the parent's student rollout of the whole generation batch wherever
+    the policy hands back to it (after TRB's warmup, SKD's steps; always for the student and temperature policies)."""
+    import torch
+
+    trainer, width = tiny_trainer, 1024 + 512
+    guided, plain = ("teacher-guided rollout", 2, width, True), ("student rollout", 8, width, False)
+    assert _phases(trainer, trb_generation_batch_size=2) == [guided, plain]  # TRB: warmup, then plain rollouts
+    assert _phases(trainer, trb_schedule="constant") == [guided]  # fixed epsilon: guided at every step
+    assert _phases(trainer, rollout_policy="skd", skd_steps=None) == [guided]
+    assert _phases(trainer, skd_steps=3) == [guided, plain]
+    assert _phases(trainer, rollout_policy="student") == [plain]
+    assert _phases(trainer, rollout_policy="temperature") == [plain]
+    assert _phases(trainer, use_vllm=True) == []  # the parent's rollout is vLLM's (its reserved memory)
+    trainer.args.use_vllm = False
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=2**20))
+    with pytest.raises(ValueError, match="The student rollout is estimated not to fit") as error:
+        trainer._check_rollout_memory()
+    assert "student KV cache" in str(error.value) and "teacher KV cache" not in str(error.value)
+
+
+@pytest.mark.parametrize(("sampling", "continuation_width"), [("uniform", 1024 + 48 + 64), ("max", 1024 + 64)])
+def test_tropd_guidance_is_checked_with_its_prefixes(
+    tiny_pair_dir, tmp_path, monkeypatch, sampling, continuation_width
+):
+    """TrOPD with `rollout_policy: student`: the teacher sampling prefixes (chunks of `trb_generation_batch_size`), and
+    the student continuing them. A continuation call is left-padded to its longest prompt + prefix and runs until its
+    largest remaining budget is spent: up to l_max extra columns with uniform prefix lengths, none with "max"."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from trb_trl import TrOPDConfig, TrOPDTrainer
+
+    args = TrOPDConfig(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        max_steps=1,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        max_completion_length=64,
+        tropd_prefix_max_length=48,
+        tropd_prefix_sampling=sampling,
+        trb_generation_batch_size=2,
+    )
+    trainer = TrOPDTrainer(
+        model=tiny_pair_dir["student"],
+        teacher_model=tiny_pair_dir["teacher"],
+        args=args,
+        train_dataset=Dataset.from_list([{"prompt": "w1 w2"}] * 8),
+        processing_class=AutoTokenizer.from_pretrained(tiny_pair_dir["tokenizer"]),
+    )
+    phases = trainer._rollout_memory_phases()
+    assert [
+        (p.phase, p.num_sequences, p.sequence_length, p.student_generates, p.teacher_generates) for p in phases
+    ] == [
+        ("TrOPD teacher-prefix rollout", 2, 1024 + 48, False, True),
+        ("student rollout continuing teacher prefixes", 8, continuation_width, True, False),
+    ]
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=2**20))
+    with pytest.raises(ValueError, match="not to fit"):
+        trainer._check_rollout_memory()
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=2**40))
+    trainer._check_rollout_memory()
+    trainer.args.tropd_guidance = False
+    assert [p.phase for p in trainer._rollout_memory_phases()] == ["student rollout"]

@@ -3,9 +3,11 @@
 import unicodedata
 from contextlib import contextmanager
 
+import numpy as np
 import pytest
 import torch
 from datasets import Dataset
+from reference import blend_row_reference
 from tiny_config import tiny_run_args
 from transformers import AutoTokenizer, LogitsProcessor, LogitsProcessorList
 
@@ -143,6 +145,9 @@ def test_instruct_teacher_stop_mass_lands_on_the_base_student_stop_id(qwen3_pair
     with _logit_offset(qwen3_pair.teacher, QWEN3_IM_END_ID, 20.0):  # teacher: p(<|im_end|>) ~ 1
         mapped = _blend_generate(qwen3_pair, batch, [QWEN3_IM_END_ID, QWEN3_ENDOFTEXT_ID])
         unmapped = _blend_generate(qwen3_pair, batch, [])
+        positions = (batch["attention_mask"].cumsum(-1) - 1).clamp_min(0)
+        with torch.no_grad():
+            first_teacher = qwen3_pair.teacher(**batch, position_ids=positions).logits[:, -1, :NUM_TOKENS]
 
     sequences, student_scores, blended, processor = mapped
     student = torch.softmax(student_scores[..., :NUM_TOKENS], dim=-1)
@@ -162,8 +167,17 @@ def test_instruct_teacher_stop_mass_lands_on_the_base_student_stop_id(qwen3_pair
     # Unmapped, the blend pushes `<|im_end|>` instead and `<|endoftext|>` gets no more than the student gives it.
     assert (unmapped_mu[..., QWEN3_IM_END_ID] > 1e-3).all()
     assert (unmapped_mu[..., QWEN3_ENDOFTEXT_ID] < 1.5 * student[..., QWEN3_ENDOFTEXT_ID]).all()
-    # At the first step (same prompts), "stop" gets the same mass whichever id carries it.
-    torch.testing.assert_close(stop[0], unmapped_mu[0, :, QWEN3_IM_END_ID], rtol=0.02, atol=0.0)
+    # At the first step, "stop" gets what the float64 blend of the two merged distributions gives it: each model's
+    # mass on both stop ids, on `<|endoftext|>`.
+    for row in range(stop.shape[1]):
+        merged = []
+        for logits in (student_scores[0, row, :NUM_TOKENS], first_teacher[row]):
+            logits = logits.double().numpy().copy()
+            logits[QWEN3_ENDOFTEXT_ID] = np.logaddexp(logits[QWEN3_ENDOFTEXT_ID], logits[QWEN3_IM_END_ID])
+            logits[QWEN3_IM_END_ID] = -np.inf
+            merged.append(logits)
+        log_mu = blend_row_reference(*merged, EPSILON)[0]
+        assert stop[0, row].item() == pytest.approx(np.exp(log_mu[QWEN3_ENDOFTEXT_ID]), rel=2e-3)
 
 
 def test_trainer_runs_with_the_qwen3_vocabulary(qwen3_pair, tmp_path):

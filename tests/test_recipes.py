@@ -27,9 +27,11 @@ BASELINES = {
     "sft_warmup": {"rollout_policy": "student", "sft_warmup_steps": 25},
     "veto": {"rollout_policy": "student", "veto_beta_start": 0.4, "veto_decay_steps": None},
 }
-# The paper trains every method with reverse KL over the student's top-16 tokens (Appendix A).
+# The paper trains every method with reverse KL over the student's top-16 tokens (Appendix A), in its reference code's
+# policy-gradient form.
 for _method in BASELINES.values():
     _method["loss_top_k"] = 16
+    _method["loss_top_k_estimator"] = "policy_gradient"
 
 
 def _accelerate_options() -> set[str]:
@@ -89,6 +91,8 @@ def test_qwen3_recipes_carry_the_paper_settings(recipe, student, teacher, epsilo
     assert (model_args.model_name_or_path, args.teacher_model_name_or_path) == (student, teacher)
     assert (args.trb_epsilon, args.trb_warmup_steps, args.trb_schedule) == (epsilon, 50, "linear")
     assert args.loss_top_k == 16 and args.beta == 1.0  # reverse KL over the student's top-16 tokens
+    assert args.loss_top_k_estimator == "policy_gradient"  # the paper's form
+    assert yaml.safe_load((RECIPES / recipe).read_text())["loss_top_k_estimator"] == "policy_gradient"  # explicit
     assert script_args.system_prompt == "Please reason step by step, and put your final answer within \\boxed{}."
     assert script_args.dataset_domain == "math" and script_args.max_prompt_tokens == 1024
     assert args.max_completion_length == 7168 and args.temperature == 1.0
@@ -172,7 +176,8 @@ def test_tropd_recipes_carry_the_papers_settings(monkeypatch):
     tropd = yaml.safe_load((RECIPES / "qwen3_1p7b_tropd.yaml").read_text())
     differing = {key for key in trb.keys() | tropd.keys() if trb.get(key) != tropd.get(key)}
     tropd_keys = {key for key in tropd if key.startswith("tropd_")}
-    assert differing == {"trainer", "rollout_policy", "loss_top_k", "output_dir", "run_name"} | tropd_keys | {
+    loss_keys = {"loss_top_k", "loss_top_k_estimator"}  # the TRB paper's loss, which TrOPD replaces
+    assert differing == {"trainer", "rollout_policy", "output_dir", "run_name"} | loss_keys | tropd_keys | {
         "trb_epsilon",
         "trb_schedule",
         "trb_warmup_steps",

@@ -1,3 +1,4 @@
+import copy
 import itertools
 from types import SimpleNamespace
 
@@ -11,6 +12,7 @@ from transformers import LogitsProcessorList
 
 from trb_trl import TrustRegionBlendingProcessor
 from trb_trl.rollout import SPECULATIVE_METRICS, TRUST_REGION_METRICS, RolloutStatistics, SpeculativeBlendingSampler
+from trb_trl.rollout.cached_forward import forward_with_cache
 from trb_trl.rollout.speculative import sample_categorical
 from trb_trl.testing import END_OF_TEXT, IM_END, build_tiny_qwen3, build_word_tokenizer
 
@@ -63,8 +65,8 @@ def _truncate_reference(logp, top_k=0, top_p=1.0, min_p=None):
 
 
 def _reference_joint(pair, prompt, setting):
-    """P(x1, x2, x3) of the processor path, in float64: mu* from `blend_row_reference` at every prefix (bans, stop
-    mapping), truncated, a row that stops padded with the stop id (= pad)."""
+    """P(x1, x2, x3) of the processor path, in float64: mu* from `blend_row_reference` at every prefix (bans, both
+    models' stop mass merged), truncated, a row that stops padded with the stop id (= pad)."""
     vocab, stop, teacher_stop = pair.vocab, pair.stop, pair.teacher_stop
     prefixes = torch.tensor(list(itertools.product(range(vocab), repeat=2)))
     sequences = torch.cat([prompt.expand(len(prefixes), -1), prefixes], dim=1)
@@ -72,12 +74,18 @@ def _reference_joint(pair, prompt, setting):
         student = pair.student(sequences).logits[:, -3:].double().numpy()
         teacher = pair.teacher(sequences).logits[:, -3:].double().numpy()
 
+    tau = setting["temperature"]
+
+    def merge_stop(z):  # each model's stop mass onto the student's stop id, in the tempered distribution
+        z[stop], z[teacher_stop] = tau * np.logaddexp(z[stop] / tau, z[teacher_stop] / tau), -np.inf
+
     def law(row, step):
         s, t = student[row, step].copy(), teacher[row, step].copy()
         s[setting.get("suppress_tokens", [])] = -np.inf
+        merge_stop(s)
+        merge_stop(t)
         if step < setting.get("min_new_tokens", 0):
-            s[stop] = -np.inf
-        t[stop], t[teacher_stop] = np.logaddexp(t[stop], t[teacher_stop]), -np.inf
+            s[stop] = -np.inf  # a banned stop stays banned
         epsilon = setting["epsilon"] if np.isscalar(setting["epsilon"]) else setting["epsilon"][setting["group"]]
         logp, _, _, _ = blend_row_reference(s, t, epsilon, setting["temperature"])
         return _truncate_reference(logp, setting.get("top_k", 0), setting.get("top_p", 1.0), setting.get("min_p"))
@@ -258,12 +266,19 @@ class _StopsFrom(torch.nn.Module):
     def get_output_embeddings(self):
         return self.teacher.get_output_embeddings()
 
-    def forward(self, input_ids, position_ids=None, logits_to_keep=0, **kwargs):
-        outputs = self.teacher(input_ids=input_ids, position_ids=position_ids, logits_to_keep=logits_to_keep, **kwargs)
+    def forward(self, input_ids, position_ids=None, logits_to_keep=0, past_key_values=None, use_cache=True, **kwargs):
+        outputs, cache = forward_with_cache(
+            self.teacher,
+            past_key_values,
+            input_ids=input_ids,
+            position_ids=position_ids,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
         logits = 20.0 * outputs.logits
         late = position_ids[:, -logits.shape[1] :] >= self.position
         logits[..., self.stop_id] += 40.0 * late
-        return SimpleNamespace(logits=logits, past_key_values=outputs.past_key_values)
+        return SimpleNamespace(logits=logits, past_key_values=cache)
 
 
 @pytest.mark.parametrize("draft_length", [1, 3, 16])
@@ -273,8 +288,12 @@ def test_greedy_is_token_identical_to_the_processor_path(
 ):
     """Left padding, per-row epsilon, a teacher that stops (mapped onto the student's stop id) at a different step
     per row, and generate's bans: the same tokens, pads and per-token statistics as the processor path."""
-    endoftext, im_end = eos_ids
-    stopping_teacher = _StopsFrom(teacher, im_end, position=9)
+    endoftext, teacher_stop = eos_ids
+    # The student sharpened (logits x 10): the near-uniform random one, its `<|im_end|>` mass merged into its stop,
+    # stops at once on most rows, leaving no multi-token rounds to compare.
+    student = copy.deepcopy(student)
+    student.lm_head.weight.data *= 10
+    stopping_teacher = _StopsFrom(teacher, teacher_stop, position=9)
     epsilon = torch.tensor([0.0, 0.5, 3.0, 1e9])
     kwargs = dict(
         do_sample=False,
@@ -283,12 +302,12 @@ def test_greedy_is_token_identical_to_the_processor_path(
         eos_token_id=endoftext,
         pad_token_id=endoftext,
         student_eos_token_id=endoftext,
-        teacher_eos_token_id=im_end,
+        teacher_eos_token_id=teacher_stop,
     )
     if bans:
         plain, _ = _processor_generate(student, stopping_teacher, left_padded_batch, epsilon, **kwargs)
         used = plain[:, left_padded_batch["input_ids"].shape[1] :].flatten().unique().tolist()
-        used = [t for t in used if t not in eos_ids][:6]  # ban tokens greedy decoding actually picks
+        used = [t for t in used if t not in (endoftext, teacher_stop)][:6]  # ban tokens greedy decoding actually picks
         kwargs.update(suppress_tokens=used[:2], bad_words_ids=[[t] for t in used[2:4]], begin_suppress_tokens=used[4:])
         kwargs["min_new_tokens"] = 3
     expected, processor = _processor_generate(student, stopping_teacher, left_padded_batch, epsilon, **kwargs)

@@ -62,6 +62,8 @@ def test_which_policies_consult_the_teacher():
         ({"veto_beta_start": 0.4, "max_steps": -1}, "veto_decay_steps"),
         ({"veto_decay_steps": 0}, "veto_decay_steps"),
         ({"sft_warmup_steps": -1}, "sft_warmup_steps"),
+        ({"loss_top_k_estimator": "renormalised"}, "loss_top_k_estimator"),
+        ({"loss_top_k": 16, "beta": 0.5}, "loss_top_k_estimator='policy_gradient' .* needs beta=1.0"),
     ],
 )
 def test_invalid_values_raise_naming_the_field(kwargs, field):
@@ -72,3 +74,22 @@ def test_invalid_values_raise_naming_the_field(kwargs, field):
 def test_beam_search_is_fine_when_no_warmup_policy_samples():
     assert _config(trb_epsilon=0.0, generation_kwargs={"num_beams": 4}).trb_epsilon == 0.0
     assert _config(rollout_policy="student", generation_kwargs={"num_beams": 4}).rollout_policy == "student"
+
+
+def test_the_top_k_loss_is_the_papers_policy_gradient_form_unless_asked_otherwise():
+    assert _config(loss_top_k=16).loss_top_k_estimator == "policy_gradient"
+    # TRL's generalized JSD on the top-k needs the renormalised form; without loss_top_k the estimator is unused.
+    assert _config(loss_top_k=16, loss_top_k_estimator="renormalized", beta=0.5).beta == 0.5
+    assert _config(beta=0.5).loss_top_k is None
+
+
+@pytest.mark.parametrize("spelling", ["gradient_checkpointing", "activation_checkpointing", None])
+def test_either_checkpointing_spelling_works_without_a_deprecation_warning(tmp_path, spelling):
+    import warnings
+
+    kwargs = {spelling: False} if spelling else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        args = TRBDistillConfig(str(tmp_path), use_cpu=True, **kwargs)
+    assert args.gradient_checkpointing is (spelling is None)  # TRL's default is True
+    assert args.activation_checkpointing is args.gradient_checkpointing

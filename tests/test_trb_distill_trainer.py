@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from teacher_doubles import with_fixed_stop_head
 from tiny_config import tiny_prompts, tiny_run_args, tiny_trainer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -214,20 +215,6 @@ def test_processor_blends_at_the_temperature_generate_samples_at(tiny_pair_dir, 
     assert processor_calls and {p.temperature for p in processor_calls} == {0.5}
 
 
-def _stop_loving_teacher(path, stop_id, stop_probability=0.3):
-    """The tiny teacher with its output replaced by a fixed distribution: `stop_id` with `stop_probability` at every
-    position, the rest uniform (an instruct teacher that wants to end its turn with `<|im_end|>`)."""
-    teacher = AutoModelForCausalLM.from_pretrained(path)
-    vocab, hidden = teacher.lm_head.weight.shape
-    head = torch.nn.Linear(hidden, vocab, bias=True)
-    with torch.no_grad():
-        head.weight.zero_()
-        head.bias.zero_()
-        head.bias[stop_id] = torch.log(torch.tensor(stop_probability * (vocab - 1) / (1 - stop_probability)))
-    teacher.lm_head = head
-    return teacher
-
-
 def _student_completion_lengths(trainer, prompts, max_new_tokens):
     student = trainer.accelerator.unwrap_model(trainer.model).eval()
     tokenizer = trainer.processing_class
@@ -261,7 +248,7 @@ def test_opd_control_learns_to_stop_on_the_students_own_stop_id(
     )
     trainer = TRBDistillTrainer(
         model=tiny_pair_dir["student"],
-        teacher_model=_stop_loving_teacher(tiny_pair_dir["teacher"], im_end),
+        teacher_model=with_fixed_stop_head(AutoModelForCausalLM.from_pretrained(tiny_pair_dir["teacher"]), im_end),
         args=args,
         train_dataset=prompts,
         processing_class=tokenizer,
@@ -362,28 +349,45 @@ def test_wandb_runs_go_under_output_dir_unless_wandb_dir_is_set(tmp_path, monkey
 
 
 def test_loss_top_k_over_the_whole_vocabulary_trains_exactly_like_the_full_divergence(
-    tiny_pair_dir, prompts, tmp_path
+    tiny_pair_dir, prompts, tmp_path, monkeypatch
 ):
-    """`loss_top_k >= V` keeps every token in the support, so the top-k loss is the full (stop-aligned) divergence:
-    same rollouts (same seed), same updates. A small k trains too, also with Veto's target."""
+    """`loss_top_k >= V` keeps every token in the support, so the top-k loss, in either estimator, is the full
+    (stop-aligned) divergence: same rollouts (same seed), same updates. A small k trains too, also with Veto's target,
+    and the trainer hands `loss_top_k_estimator` to the loss."""
+    from trb_trl import trb_distill_trainer
+
     runs = []
     vocab = len(AutoTokenizer.from_pretrained(tiny_pair_dir["tokenizer"]))
-    for loss_top_k in (None, vocab + 10):
-        trainer = tiny_trainer(
-            tiny_pair_dir, _args(tmp_path / str(loss_top_k), max_steps=2, loss_top_k=loss_top_k), prompts
-        )
+    for run_name, options in (
+        ("full", {}),
+        ("policy_gradient", dict(loss_top_k=vocab + 10)),
+        ("renormalized", dict(loss_top_k=vocab + 10, loss_top_k_estimator="renormalized")),
+    ):
+        trainer = tiny_trainer(tiny_pair_dir, _args(tmp_path / run_name, max_steps=2, **options), prompts)
         trainer.train()
         runs.append(trainer)
     assert runs[0]._trb_stop_alignment is not None  # the tiny pair stops on different ids: the aligned path
-    for (name, p), (_, q) in zip(runs[0].model.named_parameters(), runs[1].model.named_parameters(), strict=True):
-        torch.testing.assert_close(p, q, rtol=1e-4, atol=2e-5, msg=name)  # float32 summation order only
+    for run in runs[1:]:
+        for (name, p), (_, q) in zip(runs[0].model.named_parameters(), run.model.named_parameters(), strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-4, atol=2e-5, msg=name)  # float32 summation order only
 
-    trainer = tiny_trainer(
-        tiny_pair_dir, _args(tmp_path / "k4", max_steps=2, loss_top_k=4, veto_beta_start=0.4), prompts
-    )
-    trainer.train()
-    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
-    assert [entry["veto/beta"] for entry in logs] == [0.4, 0.2] and all(entry["loss"] > 0 for entry in logs)
+    calls = []
+    loss_function = trb_distill_trainer.top_k_divergence_loss
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["estimator"])
+        return loss_function(*args, **kwargs)
+
+    monkeypatch.setattr(trb_distill_trainer, "top_k_divergence_loss", spy)
+    for estimator in ("policy_gradient", "renormalized"):
+        options = dict(max_steps=2, loss_top_k=4, veto_beta_start=0.4, loss_top_k_estimator=estimator)
+        args = _args(tmp_path / f"k4-{estimator}", **options)
+        trainer = tiny_trainer(tiny_pair_dir, args, prompts)
+        calls.clear()
+        trainer.train()
+        logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+        assert [entry["veto/beta"] for entry in logs] == [0.4, 0.2] and all(entry["loss"] > 0 for entry in logs)
+        assert calls and set(calls) == {estimator}
 
 
 def test_loss_top_k_must_be_a_positive_integer(tmp_path):

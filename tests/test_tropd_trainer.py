@@ -1,6 +1,7 @@
 """TrOPDConfig / TrOPDTrainer on the tiny pair: config errors, the prefix schedule and draws, teacher prefixes
 continued by the student, and `train()` with and without guidance and with TRB warmup."""
 
+import contextlib
 import random
 
 import pytest
@@ -8,8 +9,9 @@ import torch
 from tiny_config import tiny_prompts, tiny_run_args, tiny_trainer
 
 from trb_trl import TrOPDConfig, TrOPDTrainer
-from trb_trl.rollout.teacher_prefix import cut_at_stop, draw_prefix_lengths
+from trb_trl.rollout.teacher_prefix import draw_prefix_lengths
 from trb_trl.schedules import cosine_prefix_length
+from trb_trl.stop_alignment import cut_at_stop
 
 
 def _args(tmp_path, **overrides):
@@ -35,7 +37,10 @@ def _trainer(tiny_pair_dir, tmp_path, **overrides):
         ({"loss_top_k": 16}, "loss_top_k selects the TRB paper's divergence"),
         ({"veto_beta_start": 0.4}, "veto_beta_start > 0"),
         ({"sft_warmup_steps": 5}, "sft_warmup_steps > 0"),
-        ({"max_steps": -1, "num_train_epochs": 1}, "tropd_guidance anneals the teacher prefixes over the whole run"),
+        ({"trb_epsilon": 0.05}, r"rollout_policy='student' .* Set `rollout_policy: trb`"),
+        ({"rollout_policy": "skd", "trb_epsilon": 0.02}, r"trb_epsilon=0.02 is TRB's KL budget"),
+        ({"tropd_prefix_max_length": 9}, "tropd_prefix_max_length=9 exceeds max_completion_length=8"),
+        ({"max_completion_length": None}, "tropd_guidance continues each teacher prefix within max_completion_length"),
     ],
 )
 def test_config_refuses_invalid_values_with_the_field_named(tmp_path, overrides, message):
@@ -54,6 +59,16 @@ def test_config_defaults_are_the_papers(tmp_path):
     assert args.rollout_policy == "student" and not args.needs_teacher_in_rollout
     assert (args.prefix_max_length, args.prefix_anneal_steps) == (8, 4)
     assert _args(tmp_path, tropd_prefix_max_length=3, tropd_prefix_steps=2).prefix_max_length == 3
+
+
+def test_trb_epsilon_defaults_to_the_rollout_policy(tmp_path):
+    """TRB's budget applies with a trust-region policy only: 0.02 by default there, 0 with TrOPD's own rollouts."""
+    student = _args(tmp_path)
+    assert student.trb_epsilon == 0.0 and not student.uses_trust_region
+    assert _args(tmp_path, trb_epsilon=0.0).trb_epsilon == 0.0
+    trb = _args(tmp_path, rollout_policy="trb")
+    assert trb.trb_epsilon == 0.02 and trb.uses_trust_region and trb.needs_teacher_in_rollout
+    assert _args(tmp_path, rollout_policy="fixed_epsilon", trb_epsilon=0.01).trb_epsilon == 0.01
 
 
 def test_cosine_prefix_schedule_per_step():
@@ -115,6 +130,73 @@ def test_a_guided_trajectory_is_the_teachers_prefix_then_the_students_continuati
             assert completion[length:] == continuation[: 8 - length]
 
 
+# The continuation's rollout under each kind of policy: the parent's student rollout, TRB's processor inside
+# `generate` (both sampled), and TRB's speculative engine (greedy, so that the two paths are comparable token by token).
+CONTINUATION_POLICIES = {
+    "student": {},
+    "trb": {"rollout_policy": "trb", "trb_epsilon": 0.05, "trb_warmup_steps": 2},
+    "trb_speculative": {
+        "rollout_policy": "trb",
+        "trb_epsilon": 0.05,
+        "trb_warmup_steps": 2,
+        "trb_rollout_engine": "speculative",
+        "trb_draft_length": 3,
+        "generation_kwargs": {"do_sample": False},
+    },
+}
+
+
+@pytest.mark.parametrize("sampling", ["max", "uniform"])
+@pytest.mark.parametrize("policy", list(CONTINUATION_POLICIES))
+def test_guided_continuations_stop_at_each_rows_budget(tiny_pair_dir, tmp_path, policy, sampling):
+    """Each row's continuation stops at `max_completion_length - l`: the student runs no forward once every row has
+    spent its budget (counted), and the completions are exactly today's (continued to the full length, then cut)."""
+    trainer = _trainer(
+        tiny_pair_dir,
+        tmp_path,
+        max_completion_length=12,
+        tropd_prefix_max_length=8,
+        tropd_prefix_sampling=sampling,
+        **CONTINUATION_POLICIES[policy],
+    )
+    trainer.model.train()
+    student = trainer.accelerator.unwrap_model(trainer.model)
+    forwards = []
+    handle = student.register_forward_hook(lambda module, args, output: forwards.append(1))
+    prompts = [[3, 4, 5], [6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]]
+    seen_budgets = []
+    with_budgets = trainer._row_budgets
+
+    def recording(budgets):
+        seen_budgets.append(list(budgets))
+        return with_budgets(budgets)
+
+    def rollout(row_budgets):
+        trainer._row_budgets = row_budgets
+        forwards.clear()
+        torch.manual_seed(5)
+        completions = trainer._generate_single_turn(prompts, None, {})
+        return completions, list(trainer._tropd_prefix_lengths), len(forwards)
+
+    try:
+        budgeted, lengths, budgeted_forwards = rollout(recording)
+        today, today_lengths, today_forwards = rollout(lambda budgets: contextlib.nullcontext())
+    finally:
+        handle.remove()
+    (budgets,) = seen_budgets
+    assert lengths == today_lengths
+    assert all(budget == 0 or budget == 12 - length for budget, length in zip(budgets, lengths, strict=True))
+    if sampling == "max":  # every prefix that did not end the response is l_max = 8 tokens long
+        assert all(length == 8 for budget, length in zip(budgets, lengths, strict=True) if budget)
+    assert budgeted == today  # the same tokens as today's truncation
+    assert all(len(completion) <= 12 for completion in budgeted)
+    if policy == "trb_speculative":  # rounds of up to draft_length + 1 student forwards: never more of them, and
+        # fewer with "max" (with "uniform" these greedy rows stop on a stop token before their budgets)
+        assert budgeted_forwards < today_forwards if sampling == "max" else budgeted_forwards <= today_forwards
+    else:  # one student forward per generated token: up to the largest budget (at least the first token), not 12
+        assert today_forwards == 12 and budgeted_forwards == max(1, *budgets)
+
+
 def _logs(trainer):
     trainer.train()
     return [entry for entry in trainer.state.log_history if "loss" in entry]
@@ -143,6 +225,74 @@ def test_train_with_guidance_anneals_the_prefixes_to_none_and_logs_its_metrics(t
         assert torch.isfinite(torch.tensor(entry["loss"])) and "grad_norm" in entry
     for prefix_mask, completion_mask in masks:
         assert not (prefix_mask & ~completion_mask.bool()).any()  # prefix tokens are real completion tokens
+
+
+def test_tropd_metrics_are_ratios_of_token_totals_over_micro_batches(tiny_pair_dir, tmp_path):
+    """Two micro-batches per optimizer step with different token counts: each `tropd/*` fraction and mean is the ratio
+    of the summed counts (each token weighs the same), not the mean of the two micro-batches' ratios."""
+    trainer = _trainer(tiny_pair_dir, tmp_path, gradient_accumulation_steps=2, max_steps=3, tropd_prefix_steps=4)
+    records = []
+    original = trainer._compute_loss
+
+    def spy(model, inputs, num_items_in_batch):
+        result = original(model, inputs, num_items_in_batch)
+        records.append({name: float(value) for name, value in trainer._tropd_records.items()})
+        return result
+
+    trainer._compute_loss = spy
+    logs = _logs(trainer)
+    assert len(records) == 2 * len(logs) == 6
+    differs = False
+    for step, entry in enumerate(logs):
+        pair = records[2 * step : 2 * step + 2]
+
+        def total(name, pair=pair):
+            return sum(record[name] for record in pair)
+
+        continuation, prefix = total("continuation_tokens"), total("prefix_tokens")
+        assert entry["tropd/trust_fraction"] == pytest.approx(total("trusted_tokens") / continuation)
+        assert entry["tropd/outlier_fraction"] == pytest.approx(total("outlier_tokens") / continuation)
+        assert entry["tropd/prefix_fraction"] == pytest.approx(prefix / (prefix + continuation))
+        assert entry["tropd/reward/trusted"] == pytest.approx(total("reward_sum_trusted") / total("trusted_tokens"))
+        assert entry["tropd/reward/outlier"] == pytest.approx(total("reward_sum_outlier") / total("outlier_tokens"))
+        if all(record["continuation_tokens"] for record in pair):
+            mean_of_ratios = sum(r["trusted_tokens"] / r["continuation_tokens"] for r in pair) / 2
+            differs |= abs(mean_of_ratios - entry["tropd/trust_fraction"]) > 1e-3
+    assert differs  # the micro-batches' student tokens really differ in number
+
+
+def test_epoch_based_config_anneals_over_the_runs_optimizer_steps(tiny_pair_dir, tmp_path):
+    """TRL's own distillation tests configure runs by epochs (no `max_steps`; these are the arguments of TRL's
+    `test_train`): TrOPD anneals its prefixes over the total steps TRL's `Trainer` derives (3 epochs x 2 steps)."""
+    from transformers import AutoTokenizer
+
+    args = TrOPDConfig(
+        output_dir=str(tmp_path / "out"),
+        learning_rate=0.1,
+        per_device_train_batch_size=3,
+        max_completion_length=8,
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        logging_steps=1,
+        save_strategy="no",
+    )
+    assert args.max_steps == -1 and args.prefix_anneal_steps is None
+    trainer = TrOPDTrainer(
+        model=tiny_pair_dir["student"],
+        teacher_model=tiny_pair_dir["teacher"],
+        args=args,
+        train_dataset=tiny_prompts(6),
+        processing_class=AutoTokenizer.from_pretrained(tiny_pair_dir["tokenizer"]),
+    )
+    assert trainer.prefix_anneal_steps == 0  # not known before training starts: no prefixes outside `train()`
+    before = {name: param.detach().clone() for name, param in trainer.model.named_parameters()}
+    logs = _logs(trainer)
+    assert trainer.state.max_steps == 6 and trainer.prefix_anneal_steps == 6
+    assert [entry["tropd/prefix_max_length"] for entry in logs] == [cosine_prefix_length(k, 8, 6) for k in range(6)]
+    assert logs[0]["tropd/prefix_fraction"] > 0 and logs[-1]["tropd/prefix_fraction"] == 0.0
+    assert trainer.state.log_history[-1]["train_loss"] is not None
+    assert any(not torch.equal(param, before[name]) for name, param in trainer.model.named_parameters())
 
 
 def test_train_without_guidance_is_on_policy_with_the_trust_region(tiny_pair_dir, tmp_path):

@@ -33,8 +33,7 @@ from transformers import (
 from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
 
 from ._compat import RepeatSampler, SFTConfig, SFTTrainer, is_conversational
-from .rollout.teacher_prefix import cut_at_stop
-from .stop_alignment import as_id_list
+from .stop_alignment import as_id_list, cut_at_stop
 from .trb_distill_config import TRBDistillConfig
 
 
@@ -175,7 +174,9 @@ def teacher_responses(teacher, tokenizer, prompts: list, args: TRBDistillConfig,
     prompts rendered as the OPD trainer renders them. Generation stops on the teacher's and the student's stop ids;
     targets end as [`sft_target`] says. The lm_head's padding rows beyond the tokenizer (no tokens) are never sampled,
     as in the teacher-guided rollouts. Under several processes each generates a contiguous share and the shares are
-    gathered, so every process returns the same dataset.
+    gathered, so every process returns the same dataset. The teacher is whole on every process, so its `generate` is
+    not synced across processes (transformers would sync it under ZeRO-3): the final gather is the only collective,
+    whatever the size of each share.
     """
     state = PartialState()
     teacher_ids = as_id_list(teacher.generation_config.eos_token_id)
@@ -217,6 +218,7 @@ def teacher_responses(teacher, tokenizer, prompts: list, args: TRBDistillConfig,
                     input_ids=input_ids.to(teacher.device),
                     attention_mask=attention_mask.to(teacher.device),
                     generation_config=generation_config,
+                    synced_gpus=False,  # an unsharded teacher: no collective, however many batches this process has
                 )
             for ids, completion in zip(batch, sequences[:, width:].tolist(), strict=True):
                 target = sft_target(completion, student_stop_ids, teacher_ids)

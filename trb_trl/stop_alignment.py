@@ -55,14 +55,41 @@ class StopAlignment:
             )
         return cls(student_ids[0], foreign)
 
-    def apply(self, logits: torch.Tensor, *, fill: float = float("-inf")) -> torch.Tensor:
+    def apply(self, logits: torch.Tensor, *, fill: float = float("-inf"), temperature: float = 1.0) -> torch.Tensor:
         """Return logits (..., V) whose softmax has the stop mass on `canonical_id` and `fill` at the merged ids.
 
         Only the last dimension is touched, out of place. `fill=-inf` removes the merged ids from the support; a
         finite, very negative `fill` gives them exactly zero probability in float32 while keeping every log-prob
-        finite (what a divergence with gradients needs: no `0 * inf`).
+        finite (what a divergence with gradients needs: no `0 * inf`). `temperature`: the logits are scores that will
+        still be divided by it (`generate`'s temperature warper, the blend), so the mass is merged in the tempered
+        distribution: the canonical score becomes `temperature * logsumexp(scores / temperature)` over the stop ids.
         """
         ids = torch.tensor([self.canonical_id, *self.merged_ids], device=logits.device)
-        merged_logit = torch.logsumexp(logits.index_select(-1, ids), dim=-1)
+        stop_scores = logits.index_select(-1, ids)
+        if temperature == 1.0:
+            merged_logit = torch.logsumexp(stop_scores, dim=-1)
+        else:
+            merged_logit = temperature * torch.logsumexp(stop_scores / temperature, dim=-1)
         aligned = logits.index_fill(-1, ids[1:], fill)
         return aligned.index_copy(-1, ids[:1], merged_logit.unsqueeze(-1))
+
+    def apply_to_scores(self, scores: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
+        """The student's sampling scores (..., V) with its own mass on the merged ids moved onto its stop id, so that
+        writing an instruct teacher's `<|im_end|>` is the student's stop, not a token after which it writes on. A
+        stop that earlier processors banned (`-inf` at `canonical_id`, e.g. `min_new_tokens`) stays banned."""
+        aligned = self.apply(scores, temperature=temperature)
+        banned = torch.isneginf(scores[..., self.canonical_id])  # no host sync: this runs at every decoding step
+        aligned[..., self.canonical_id] = aligned[..., self.canonical_id].masked_fill(banned, float("-inf"))
+        return aligned
+
+
+def cut_at_stop(tokens: list[int], student_stop_ids, teacher_stop_ids) -> tuple[list[int], bool]:
+    """`tokens` up to and including the first stop, with a teacher stop id the student does not stop on (an instruct
+    teacher's `<|im_end|>` for a Base student) replaced by the student's stop id; and whether a stop was found."""
+    student_ids, teacher_ids = as_id_list(student_stop_ids), as_id_list(teacher_stop_ids)
+    for position, token in enumerate(tokens):
+        if token in student_ids:
+            return [*tokens[:position], token], True
+        if token in teacher_ids:
+            return [*tokens[:position], student_ids[0] if student_ids else token], True
+    return list(tokens), False

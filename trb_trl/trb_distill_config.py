@@ -1,7 +1,8 @@
 import math
 from dataclasses import dataclass, field
 
-from ._compat import DistillationConfig
+from ._compat import HAS_ACTIVATION_CHECKPOINTING, DistillationConfig, resolve_checkpointing_spelling
+from .losses.top_k_divergence import TOP_K_ESTIMATORS
 from .schedules import KL_BUDGET_SCHEDULES
 
 
@@ -53,9 +54,10 @@ class TRBDistillConfig(DistillationConfig):
             gradient-accumulation cycle at once; with the teacher's KV cache next to the student's, that may not fit.
             `None` generates everything at once, as the parent does.
         trb_memory_preflight (`str`, *optional*, defaults to `"error"`):
-            Before training on GPU, estimate the rollout memory (both models' weights as held during the rollout,
-            both KV caches, the student's training-state shard) against the device: `"error"` raises if it cannot fit
-            and warns above 90%, `"warn"` only warns, `"off"` skips the check.
+            Before training on GPU, estimate the memory of each kind of rollout the run makes (the models' weights
+            as held during it, the KV caches of the models that decode, the student's training-state shard) against
+            the device, whatever the trainer and policy: `"error"` raises if the largest cannot fit and warns above
+            90%, `"warn"` only warns, `"off"` skips the check.
         trb_rollout_engine (`str`, *optional*, defaults to `"processor"`):
             How trust-region rollouts are sampled. `"processor"`: a logits processor inside `generate`, the teacher
             decoding one token per step next to the student (the reference). `"speculative"`: the same distribution,
@@ -111,12 +113,19 @@ class TRBDistillConfig(DistillationConfig):
         > Parameters that control the loss
 
         loss_top_k (`int`, *optional*):
-            Compare the two models on the student's top-k tokens only, each distribution renormalised over them (the
-            TRB paper trains every method with reverse KL over the student's top-16 support, "source = actor").
-            The divergence is TRL's generalized JSD with `beta` on that support (`beta=1.0`: the paper's reverse
-            KL); the stop alignment and Veto's target apply as in the full-vocabulary loss. The loss keeps k values
-            per token instead of comparing two (tokens x V) tiles (memory and time: docs/performance.md). `None`
-            (the default) keeps TRL's full-vocabulary divergence.
+            Compare the two models on the student's top-k tokens only (the TRB paper trains every method with reverse
+            KL over the student's top-16 support, "source = actor"), estimated as `loss_top_k_estimator` says; the
+            stop alignment and Veto's target apply as in the full-vocabulary loss. The loss keeps k values per token
+            instead of comparing two (tokens x V) tiles (memory and time: docs/performance.md). `None` (the default)
+            keeps TRL's full-vocabulary divergence.
+        loss_top_k_estimator (`str`, *optional*, defaults to `"policy_gradient"`):
+            With `loss_top_k` only. `"policy_gradient"`: the paper's reference code; per token the value (logged as
+            the loss) is the top-k reverse-KL estimate sum_{v in S} w_v (log pi_S(v) - log pi_T(v)) with
+            full-vocabulary log-probs and w = pi_S renormalised over S (detached), and the gradient is
+            sum_{v in S} w_v (log pi_S(v) - log pi_T(v)) grad log pi_S(v), reaching logits outside S through the
+            normaliser; reverse KL only (`beta=1.0`). `"renormalized"`: both distributions renormalised over S and
+            TRL's generalized JSD with `beta` between them, differentiated directly (gradient on S only).
+            docs/baselines.md compares the two.
 
         > Parameters that control in-training math evaluation
 
@@ -191,8 +200,8 @@ class TRBDistillConfig(DistillationConfig):
     trb_memory_preflight: str = field(
         default="error",
         metadata={
-            "help": "Estimate teacher-guided rollout memory against the GPU before training: 'error' raises if it "
-            "cannot fit (and warns above 90 percent), 'warn' only warns, 'off' skips.",
+            "help": "Estimate the memory of each kind of rollout against the GPU before training: 'error' raises "
+            "if one cannot fit (and warns above 90 percent), 'warn' only warns, 'off' skips.",
             "choices": ["error", "warn", "off"],
         },
     )
@@ -276,8 +285,17 @@ class TRBDistillConfig(DistillationConfig):
     loss_top_k: int | None = field(
         default=None,
         metadata={
-            "help": "Divergence over the student's top-k tokens, both distributions renormalised there (the TRB "
-            "paper: reverse KL, k=16); None keeps TRL's full-vocabulary divergence."
+            "help": "Divergence over the student's top-k tokens (the TRB paper: reverse KL, k=16), estimated as "
+            "loss_top_k_estimator says; None keeps TRL's full-vocabulary divergence."
+        },
+    )
+    loss_top_k_estimator: str = field(
+        default="policy_gradient",
+        metadata={
+            "help": "With loss_top_k: 'policy_gradient' (the TRB paper's form: full-vocabulary log-probs on the "
+            "student's top-k, weights renormalised there and detached; reverse KL, beta=1) or 'renormalized' (both "
+            "distributions renormalised over the top-k, TRL's generalized JSD with beta).",
+            "choices": list(TOP_K_ESTIMATORS),
         },
     )
     math_eval_benchmarks: list[str] | None = field(
@@ -326,6 +344,14 @@ class TRBDistillConfig(DistillationConfig):
             "message. None renders the problem alone."
         },
     )
+    if not HAS_ACTIVATION_CHECKPOINTING:  # the new spelling on a transformers that only knows the old one
+        activation_checkpointing: bool | None = field(
+            default=None, metadata={"help": "Alias of `gradient_checkpointing` (its name in newer transformers)."}
+        )
+        activation_checkpointing_kwargs: dict | None = field(
+            default=None,
+            metadata={"help": "Alias of `gradient_checkpointing_kwargs` (its name in newer transformers)."},
+        )
 
     @property
     def uses_trust_region(self) -> bool:
@@ -338,6 +364,7 @@ class TRBDistillConfig(DistillationConfig):
         return self.uses_trust_region or self.rollout_policy == "skd"
 
     def __post_init__(self):
+        resolve_checkpointing_spelling(self)  # either spelling, no deprecation warning, on any transformers
         super().__post_init__()
         if self.rollout_policy not in ROLLOUT_POLICIES:
             raise ValueError(f"rollout_policy must be one of {list(ROLLOUT_POLICIES)}, got {self.rollout_policy!r}.")
@@ -405,6 +432,16 @@ class TRBDistillConfig(DistillationConfig):
         if self.loss_top_k is not None and (not isinstance(self.loss_top_k, int) or self.loss_top_k < 1):
             raise ValueError(
                 f"loss_top_k must be an integer >= 1 (the student's top-k support) or None, got {self.loss_top_k}."
+            )
+        if self.loss_top_k_estimator not in TOP_K_ESTIMATORS:
+            raise ValueError(
+                f"loss_top_k_estimator must be one of {list(TOP_K_ESTIMATORS)}, got {self.loss_top_k_estimator!r}."
+            )
+        if self.loss_top_k is not None and self.loss_top_k_estimator == "policy_gradient" and self.beta != 1.0:
+            raise ValueError(
+                f"loss_top_k_estimator='policy_gradient' is the TRB paper's top-k reverse KL, so it needs beta=1.0 "
+                f"(got beta={self.beta}); set loss_top_k_estimator='renormalized' for TRL's generalized JSD on the "
+                "top-k support."
             )
         if not isinstance(self.sft_warmup_steps, int) or self.sft_warmup_steps < 0:
             raise ValueError(f"sft_warmup_steps must be an integer >= 0 (0 disables it), got {self.sft_warmup_steps}.")

@@ -1,16 +1,19 @@
 import contextlib
+import dataclasses
 import functools
 import os
 import textwrap
 
 import torch
-from transformers import LogitsProcessorList
+from transformers import LogitsProcessorList, StoppingCriteriaList
 from transformers.utils import logging
 
 from ._compat import DistillationTrainer, divergence_function_replaced
 from .losses.stop_aligned_divergence import stop_aligned_divergence_loss
 from .losses.top_k_divergence import top_k_divergence_loss
 from .memory_preflight import (
+    RolloutMemoryEstimate,
+    RolloutPhase,
     check_rollout_memory,
     count_parameters,
     estimate_rollout_memory,
@@ -27,8 +30,9 @@ from .rollout import (
     TrustRegionBlendingProcessor,
     output_vocab_size,
 )
+from .rollout.row_budget import RowBudgetCriteria
 from .schedules import active_for, kl_budget, rollout_temperature, veto_weight
-from .stop_alignment import StopAlignment, as_id_list
+from .stop_alignment import StopAlignment, as_id_list, cut_at_stop
 from .trb_distill_config import TRBDistillConfig
 from .zero3 import gathered_without_hooks
 
@@ -154,18 +158,33 @@ class TRBDistillTrainer(DistillationTrainer):
                     )
             self._trb_teacher_eos_token_ids = as_id_list(teacher.generation_config.eos_token_id)
         # One stop event in rollouts and loss; None when the two models already stop on the same ids.
+        self._trb_student_stop_ids = list(self.eos_token_ids)
         self._trb_stop_alignment = (
-            StopAlignment.between(self.eos_token_ids, self._trb_teacher_eos_token_ids)
+            StopAlignment.between(self._trb_student_stop_ids, self._trb_teacher_eos_token_ids)
             if self.teacher_model is not None
             else None
         )
+        if self._trb_stop_alignment is not None:
+            self._stop_rollouts_on_merged_ids(self._trb_stop_alignment)
         self._rollout_statistics = self._make_rollout_statistics(report_to_wandb)
         if args.math_eval_benchmarks:  # in-training evaluation on math benchmarks (docs/evaluation.md)
             from .evaluation.callback import MathEvalCallback
 
             self.add_callback(MathEvalCallback(self))
-        if args.needs_teacher_in_rollout and self.accelerator.device.type == "cuda":
+        if self.accelerator.device.type == "cuda":  # every trainer and policy: what its rollouts hold
             self._check_rollout_memory()
+
+    def _stop_rollouts_on_merged_ids(self, alignment: StopAlignment) -> None:
+        """Make the teacher's stop ids stop every rollout, the parent's included (after warmup, at epsilon 0, in
+        evaluation): the loss merges them into the student's stop, so a Base student that writes `<|im_end|>` has
+        stopped. `generate` (and vLLM) stop on them; `_generate_single_turn` writes the student's stop id instead."""
+        stop_ids = [*self.eos_token_ids, *(i for i in alignment.merged_ids if i not in self.eos_token_ids)]
+        self.eos_token_ids = stop_ids  # the parent's completion mask and clipped-ratio metric read it
+        self.generation_config.eos_token_id = list(stop_ids)
+        self.generation_kwargs["eos_token_id"] = list(stop_ids)
+        vllm_kwargs = getattr(getattr(self, "vllm_generation", None), "generation_kwargs", None)
+        if isinstance(vllm_kwargs, dict):  # vLLM's SamplingParams stops on these as well
+            vllm_kwargs["stop_token_ids"] = sorted({*vllm_kwargs.get("stop_token_ids", []), *alignment.merged_ids})
 
     def _make_rollout_statistics(self, report_to_wandb: bool) -> RolloutStatistics | None:
         """The per-token statistics of the policy's teacher-guided rollouts (None when it never consults the teacher)."""
@@ -205,36 +224,66 @@ class TRBDistillTrainer(DistillationTrainer):
             )
 
     def _check_rollout_memory(self) -> None:
-        """Fail (or warn) before training if a TRB rollout cannot fit on the GPU, showing the arithmetic."""
-        student = self.accelerator.unwrap_model(self.model)
-        teacher = self.accelerator.unwrap_model(self.teacher_model)
-        args = self.args
-        generation_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps
+        """Fail (or warn) before training if a rollout of this run cannot fit on the GPU, showing the arithmetic of
+        the largest one (every kind of rollout the run makes: [`_rollout_memory_phases`])."""
+        if not self._rollout_memory_phases():
+            return
         device_bytes = torch.cuda.get_device_properties(self.accelerator.device).total_memory
-        cache_length = None
-        if args.uses_trust_region and args.trb_rollout_engine == "speculative":
-            cache_length = speculative_cache_length(
-                ASSUMED_PROMPT_TOKENS, args.max_completion_length, args.trb_epsilon, args.trb_draft_length
-            )
-        estimate = estimate_rollout_memory(
+        estimates = self._rollout_memory_estimates(device_bytes)
+        warning = check_rollout_memory(
+            max(estimates, key=lambda e: e.total), device_bytes, self.args.trb_memory_preflight
+        )
+        if warning:
+            logger.warning(warning)
+
+    def _rollout_memory_estimates(
+        self, device_bytes: int = 0, prompt_tokens: int = ASSUMED_PROMPT_TOKENS
+    ) -> list[RolloutMemoryEstimate]:
+        """The preflight's estimate of every kind of rollout this run makes (`scripts/gpu_check.py` measures them)."""
+        args = self.args
+        student = self.accelerator.unwrap_model(self.model)
+        teacher = self.accelerator.unwrap_model(self.teacher_model) if self.teacher_model is not None else None
+        common = dict(
             student_config=student.config,
-            teacher_config=teacher.config,
+            teacher_config=teacher.config if teacher is not None else None,
             student_params=count_parameters(student),
-            teacher_params=count_parameters(teacher),
-            num_sequences=min(generation_batch, args.trb_generation_batch_size or generation_batch),
-            sequence_length=ASSUMED_PROMPT_TOKENS + args.max_completion_length,
-            dtype_bytes=next(teacher.parameters()).dtype.itemsize,
+            teacher_params=count_parameters(teacher) if teacher is not None else 0,
+            dtype_bytes=next((teacher if teacher is not None else student).parameters()).dtype.itemsize,
             world_size=self.accelerator.num_processes,
             zero_stage=self._dist.zero_stage,
             gather_student=args.ds3_gather_for_generation,
             gather_teacher=args.trb_gather_teacher_for_generation,
             vllm_reserved_fraction=self._vllm_reserved_fraction(),
             device_bytes=device_bytes,
-            cache_length=cache_length,
         )
-        warning = check_rollout_memory(estimate, device_bytes, args.trb_memory_preflight)
-        if warning:
-            logger.warning(warning)
+        phases = self._rollout_memory_phases(prompt_tokens)
+        return [estimate_rollout_memory(**common, **dataclasses.asdict(phase)) for phase in phases]
+
+    def _rollout_memory_phases(self, prompt_tokens: int = ASSUMED_PROMPT_TOKENS) -> list[RolloutPhase]:
+        """The kinds of rollout this run makes with transformers' `generate`, each at its widest: the policy's
+        teacher-guided rollout (in chunks of `trb_generation_batch_size`, both models decoding), and the parent's
+        student rollout of the whole generation batch unless the teacher guides every step (with vLLM the parent's
+        rollout is vLLM's, counted as its reserved memory)."""
+        args = self.args
+        if args.max_completion_length is None:  # generate's own limit, which the config does not tell
+            return []
+        generation_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps
+        length = prompt_tokens + args.max_completion_length
+        phases = []
+        if args.needs_teacher_in_rollout:
+            cache_length = None
+            if args.uses_trust_region and args.trb_rollout_engine == "speculative":
+                cache_length = speculative_cache_length(
+                    prompt_tokens, args.max_completion_length, args.trb_epsilon, args.trb_draft_length
+                )
+            chunk = min(generation_batch, args.trb_generation_batch_size or generation_batch)
+            phases.append(RolloutPhase("teacher-guided rollout", chunk, length, cache_length=cache_length))
+        guides_every_step = (args.uses_trust_region and args.trb_schedule == "constant") or (
+            args.rollout_policy == "skd" and args.skd_steps is None
+        )
+        if not (args.use_vllm or guides_every_step):
+            phases.append(RolloutPhase("student rollout", generation_batch, length, teacher_generates=False))
+        return phases
 
     def _vllm_reserved_fraction(self) -> float:
         """Device memory a colocated vLLM engine keeps through the HF warmup rollouts (none while asleep)."""
@@ -290,7 +339,7 @@ class TRBDistillTrainer(DistillationTrainer):
             "prompt_attention_mask": attention_mask,
             "temperature": self.generation_config.temperature or 1.0,  # what generate samples at
             "vocab_size": self._trb_vocab_size,
-            "student_eos_token_id": self.eos_token_ids,
+            "student_eos_token_id": self._trb_student_stop_ids,
             "teacher_eos_token_id": self._trb_teacher_eos_token_ids,
         }
 
@@ -322,12 +371,23 @@ class TRBDistillTrainer(DistillationTrainer):
         )
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, has_tool_images=False):
+        completion_ids = self._policy_rollout(prompt_ids, images, multimodal_fields, has_tool_images)
+        alignment = self._trb_stop_alignment
+        if alignment is None:
+            return completion_ids
+        # A rollout that stopped on a teacher stop id ends on the student's (vLLM, which may not have stopped there,
+        # is cut at it), so the loss and the metrics see one stop event.
+        return [cut_at_stop(ids, self._trb_student_stop_ids, alignment.merged_ids)[0] for ids in completion_ids]
+
+    def _policy_rollout(self, prompt_ids, images, multimodal_fields, has_tool_images):
+        """This step's completions: the warmup policy's rollout, or the parent's when none is active."""
         if not self.model.training:  # evaluation measures the student's own rollouts
             return super()._generate_single_turn(prompt_ids, images, multimodal_fields, has_tool_images)
         policy = self._warmup_processor_factory(self.state.global_step)
-        if policy is None:
+        budgeted = self._pending_row_budgets is not None and not self.use_vllm  # vLLM: one limit for every row
+        if policy is None and not budgeted:
             return super()._generate_single_turn(prompt_ids, images, multimodal_fields, has_tool_images)
-        make_processor, uses_teacher = policy
+        make_processor, uses_teacher = policy or (None, False)
         chunk = (self.args.trb_generation_batch_size if uses_teacher else None) or len(prompt_ids)
         if chunk < len(prompt_ids) and (images is not None or multimodal_fields):
             raise ValueError("trb_generation_batch_size does not support vision-language inputs; unset it.")
@@ -350,6 +410,7 @@ class TRBDistillTrainer(DistillationTrainer):
                 top_k=self.args.loss_top_k,
                 alignment=self._trb_stop_alignment,
                 veto_weight=veto,
+                estimator=self.args.loss_top_k_estimator,
             )
         elif self._trb_stop_alignment is None and veto == 0.0:
             return super()._compute_loss(unwrapped_student, inputs, num_items_in_batch)
@@ -360,12 +421,39 @@ class TRBDistillTrainer(DistillationTrainer):
         with divergence_function_replaced(divergence):
             return super()._compute_loss(unwrapped_student, inputs, num_items_in_batch)
 
+    # Per-row budgets of new tokens for the rows of the coming HF rollout `generate` calls, in row order (set by
+    # `_row_budgets`); None: `generate`'s own limit only.
+    _pending_row_budgets: list[int] | None = None
+
+    @contextlib.contextmanager
+    def _row_budgets(self, budgets: list[int]):
+        """Within this context, the rollout's HF `generate` calls stop each row once it has generated its budget of new
+        tokens (TrOPD: what a teacher prefix leaves of `max_completion_length`). The calls take the budgets in row
+        order, as many as they have rows, so a chunked rollout takes them chunk by chunk. A rollout the parent runs in
+        vLLM ignores them (one limit for every row)."""
+        self._pending_row_budgets = list(budgets)
+        try:
+            yield
+        finally:
+            self._pending_row_budgets = None
+
+    def _take_row_budgets(self, num_rows: int) -> list[int] | None:
+        """The budgets of the next `num_rows` rows to be generated, or None when no budgets are set."""
+        pending = self._pending_row_budgets
+        if pending is None:
+            return None
+        if len(pending) < num_rows:
+            raise RuntimeError(f"generate was called for {num_rows} rows but {len(pending)} row budgets are left.")
+        self._pending_row_budgets = pending[num_rows:]
+        return pending[:num_rows]
+
     @contextlib.contextmanager
     def _warmup_rollout(self, make_processor, uses_teacher: bool):
         """Run the parent's HF `generate` path with the policy's processor appended to its processors (a fresh one per
         `generate` call), or, for the speculative engine, the engine in place of `generate`. A teacher-guided policy
         gets the teacher gathered for the rollout (ZeRO-3), its cache freed after each call and its per-token
-        statistics folded in."""
+        statistics folded in. Row budgets (`_row_budgets`) stop each row at its own length, on both paths;
+        `make_processor=None` applies only them."""
         student = self.accelerator.unwrap_model(self.model_wrapped)
         use_vllm, self.use_vllm = self.use_vllm, False  # the policies run inside transformers' generate
         shadowed = student.__dict__.get("generate")
@@ -386,11 +474,13 @@ class TRBDistillTrainer(DistillationTrainer):
             with teacher_context as teacher:
 
                 def generate_with_policy(*args, **kwargs):
-                    processor = make_processor(teacher, kwargs.get("attention_mask"))
+                    input_ids = args[0] if args else kwargs["input_ids"]
+                    budgets = self._take_row_budgets(input_ids.shape[0])
+                    processor = make_processor(teacher, kwargs.get("attention_mask")) if make_processor else None
                     if isinstance(processor, SpeculativeBlendingSampler):
                         processor.synced = synced
                         try:
-                            sequences = processor.generate(student, *args, **kwargs)
+                            sequences = processor.generate(student, *args, row_max_new_tokens=budgets, **kwargs)
                         finally:
                             processor.release()
                         self._rollout_statistics.add(
@@ -399,8 +489,16 @@ class TRBDistillTrainer(DistillationTrainer):
                             step=self.state.global_step,
                         )
                         return sequences
+                    if budgets is not None:  # a local criterion: finished rows, as after a stop token
+                        criteria = StoppingCriteriaList(kwargs.pop("stopping_criteria", None) or [])
+                        criteria.append(RowBudgetCriteria(budgets, input_ids.shape[1]))
+                        kwargs["stopping_criteria"] = criteria
+                    if processor is None:
+                        return original_generate(*args, **kwargs)
                     processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
                     processors.append(processor)
+                    if budgets is not None and uses_teacher:
+                        processor.stop_rows_at(budgets)
                     if step_with_student:
                         processor.attach_to_student(hook_target)
                     try:

@@ -18,8 +18,10 @@ class TrOPDConfig(TRBDistillConfig):
     signal on student tokens is the K1 reward log pi_T(x) - log pi_S(x) inside an adaptive trust region, outliers get a
     top-k forward KL, and early training is guided by teacher prefixes. The rollout policies of the parent config
     still choose where the student's tokens come from during warmup: `rollout_policy="trb"` is "TRB warmup + TrOPD
-    loss". The default here is `"student"` (the paper's on-policy rollouts). TRL's `beta` and `loss_top_k` do not apply
-    (the loss is TrOPD's).
+    loss". The default here is `"student"` (the paper's on-policy rollouts), and `trb_epsilon` defaults to the parent's
+    0.02 only with a trust-region policy (`"trb"`, `"fixed_epsilon"`), 0 otherwise; `trb_epsilon > 0` with another
+    policy is an error (set `rollout_policy="trb"`). TRL's `beta`, `loss_top_k` and `loss_top_k_estimator` do not
+    apply (the loss is TrOPD's).
 
     Parameters:
         > Parameters that choose the per-token objective on student tokens
@@ -55,16 +57,26 @@ class TrOPDConfig(TRBDistillConfig):
         tropd_guidance_weight (`float`, *optional*, defaults to `0.001`):
             beta of the prefix imitation term (paper: 1e-3).
         tropd_prefix_max_length (`int`, *optional*):
-            Longest prefix at step 0; `None` uses `max_completion_length` (the paper: the maximum sequence length, so
-            early samples may be whole teacher responses).
+            Longest prefix at step 0, at most `max_completion_length` (the prefix is part of the completion); `None`
+            uses `max_completion_length` (the paper: the maximum sequence length, so early samples may be whole
+            teacher responses). The student continues each prefix of length l for at most `max_completion_length - l`
+            tokens.
         tropd_prefix_steps (`int`, *optional*):
-            Step at which the longest prefix reaches 0 (cosine anneal); `None` anneals over the whole run
-            (`max_steps`), as the paper does.
+            Step at which the longest prefix reaches 0 (cosine anneal); `None` anneals over the whole run, as the
+            paper does: `max_steps`, or with an epoch-based config (`num_train_epochs`, no `max_steps`) the total
+            optimizer steps the trainer derives from it when training starts.
         tropd_prefix_sampling (`str`, *optional*, defaults to `"uniform"`):
             How each sample's prefix length is drawn from the current maximum l_max (the paper does not say):
             `"uniform"` on {0, ..., l_max}, or `"max"` (always l_max).
     """
 
+    trb_epsilon: float | None = field(
+        default=None,
+        metadata={
+            "help": "TRB's initial per-token KL budget, with rollout_policy 'trb' or 'fixed_epsilon' only; None: "
+            "0.02 with those policies, 0 otherwise."
+        },
+    )
     rollout_policy: str = field(
         default="student",
         metadata={
@@ -131,6 +143,16 @@ class TrOPDConfig(TRBDistillConfig):
     )
 
     def __post_init__(self):
+        trust_region = self.rollout_policy in ("trb", "fixed_epsilon")
+        if self.trb_epsilon is None:
+            self.trb_epsilon = TRBDistillConfig.__dataclass_fields__["trb_epsilon"].default if trust_region else 0.0
+        elif _is_finite(self.trb_epsilon) and self.trb_epsilon > 0 and not trust_region:
+            raise ValueError(
+                f"trb_epsilon={self.trb_epsilon} is TRB's KL budget, but rollout_policy={self.rollout_policy!r} "
+                "(TrOPDConfig's default is 'student') never blends with the teacher, so this run would have no TRB "
+                "warmup. Set `rollout_policy: trb` for TRB warmup + TrOPD loss (or 'fixed_epsilon'), or remove "
+                "trb_epsilon for TrOPD's own rollouts."
+            )
         super().__post_init__()
         choices = {
             "tropd_objective": TROPD_OBJECTIVES,
@@ -155,10 +177,16 @@ class TrOPDConfig(TRBDistillConfig):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be an integer >= 1 or None, got {value}.")
-        if self.tropd_guidance and self.tropd_prefix_steps is None and self.max_steps <= 0:
+        if self.tropd_guidance and self.max_completion_length is None:
             raise ValueError(
-                "tropd_guidance anneals the teacher prefixes over the whole run, which needs max_steps > 0; set "
-                "max_steps or tropd_prefix_steps (or tropd_guidance=False)."
+                "tropd_guidance continues each teacher prefix within max_completion_length; set max_completion_length "
+                "(or tropd_guidance=False)."
+            )
+        if self.tropd_guidance and (self.tropd_prefix_max_length or 0) > self.max_completion_length:
+            raise ValueError(
+                f"tropd_prefix_max_length={self.tropd_prefix_max_length} exceeds max_completion_length="
+                f"{self.max_completion_length}: a teacher prefix is part of the completion. Lower it, or leave it "
+                "unset (None uses max_completion_length)."
             )
         if self.loss_top_k is not None:
             raise ValueError(
@@ -181,6 +209,7 @@ class TrOPDConfig(TRBDistillConfig):
         return self.tropd_prefix_max_length or self.max_completion_length
 
     @property
-    def prefix_anneal_steps(self) -> int:
-        """Step at which the longest teacher prefix reaches 0."""
-        return self.tropd_prefix_steps or self.max_steps
+    def prefix_anneal_steps(self) -> int | None:
+        """Step at which the longest teacher prefix reaches 0; None when it is the run's length and that comes from
+        `num_train_epochs` (the trainer reads it from `state.max_steps` when training starts)."""
+        return self.tropd_prefix_steps or (self.max_steps if self.max_steps > 0 else None)

@@ -1,3 +1,4 @@
+import dataclasses
 import functools
 import random
 import textwrap
@@ -6,15 +7,17 @@ import torch
 
 from ._compat import DistillationTrainer, divergence_function_replaced
 from .losses.tropd import TrOPDLossSpec, tropd_loss
+from .memory_preflight import RolloutPhase
 from .rollout import output_vocab_size
 from .rollout.teacher_prefix import draw_prefix_lengths, generate_teacher_prefixes, teacher_generation_config
 from .schedules import cosine_prefix_length
-from .trb_distill_trainer import TRBDistillTrainer
+from .trb_distill_trainer import ASSUMED_PROMPT_TOKENS, TRBDistillTrainer
 from .tropd_config import TrOPDConfig
 from .zero3 import gathered_without_hooks
 
 
-# The per-micro-batch counts `tropd_loss` reports, reduced over processes once per micro-batch, in this order.
+# The sums and counts `tropd_loss` reports, summed over micro-batches and then over processes once per log, in this
+# order: every `tropd/*` fraction and mean is a ratio of totals, so each token weighs the same.
 _RECORD_NAMES = (
     "trusted_tokens",
     "outlier_tokens",
@@ -38,14 +41,16 @@ class TrOPDTrainer(TRBDistillTrainer):
       the paper's ablation rows (vanilla K1, FKL alone, JSD; `tropd_outlier` and `tropd_outlier_detection` its Clip
       and Mask rows). Memory is O(tokens x k) on the teacher side; the student is projected chunk by chunk as in TRL.
     - The rollouts, while guidance is on: each trajectory is a teacher prefix of length l, drawn per sample up to a
-      maximum that is cosine-annealed from `tropd_prefix_max_length` to 0 over `tropd_prefix_steps`, continued by the
-      student (through the parent's rollout, so a warmup `rollout_policy` such as TRB shapes the continuation).
+      maximum that is cosine-annealed from `tropd_prefix_max_length` to 0 over `tropd_prefix_steps` (default: the
+      run's optimizer steps, `state.max_steps`), continued by the student for at most `max_completion_length - l`
+      tokens (through the parent's rollout, so a warmup `rollout_policy` such as TRB shapes the continuation).
       Prefix tokens get `tropd_guidance_weight` x the student's NLL of the teacher's token.
 
     Stop tokens are aligned as in the parent (a teacher `<|im_end|>` in a prefix becomes the student's stop id, and
     the loss merges both models' stop mass). Logged per step: `tropd/trust_fraction`, `tropd/outlier_fraction`,
     `tropd/reward/trusted`, `tropd/reward/outlier` (mean reward of each region), `tropd/prefix_fraction` (share of
-    trained tokens that are teacher prefix), `tropd/prefix_max_length`, besides the parent's metrics (`grad_norm`).
+    trained tokens that are teacher prefix), all over the tokens of every micro-batch and process since the last log,
+    and `tropd/prefix_max_length`, besides the parent's metrics (`grad_norm`).
     """
 
     _tag_names = ["trl", "tropd", "trb-distill"]
@@ -88,12 +93,21 @@ class TrOPDTrainer(TRBDistillTrainer):
         )
         self._tropd_prefix_lengths: list[int] | None = None
         self._tropd_records: dict | None = None
+        # Per mode ("train", "eval"): this process's sums of `_RECORD_NAMES` since the last log.
+        self._tropd_sums: dict[str, torch.Tensor] = {}
+
+    @property
+    def prefix_anneal_steps(self) -> int:
+        """T, the step at which the longest teacher prefix reaches 0: `tropd_prefix_steps`, else the run's length in
+        optimizer steps (`state.max_steps`, which TRL's `Trainer` derives from `num_train_epochs` when `max_steps` is
+        unset; before training starts, `max_steps`, or 0 (no prefixes) when the run is epoch-based)."""
+        return self.args.tropd_prefix_steps or self.state.max_steps or max(self.args.max_steps, 0)
 
     def prefix_max_length_at(self, step: int) -> int:
         """The longest teacher prefix of the rollouts made at optimizer step `step` (0 without guidance)."""
         if not self.args.tropd_guidance:
             return 0
-        return cosine_prefix_length(step, self.args.prefix_max_length, self.args.prefix_anneal_steps)
+        return cosine_prefix_length(step, self.args.prefix_max_length, self.prefix_anneal_steps)
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, has_tool_images=False):
         if not self.model.training or not self.args.tropd_guidance:
@@ -108,17 +122,23 @@ class TrOPDTrainer(TRBDistillTrainer):
         lengths = draw_prefix_lengths(max_length, len(prompt_ids), self.args.tropd_prefix_sampling, rng)
         prefixes, ended = self._teacher_prefixes(prompt_ids, lengths)
         # Every row is continued (also those whose prefix already stopped), so that every process runs the same
-        # rollout calls; the continuations of finished rows are dropped.
-        continuations = super()._generate_single_turn(
-            [[*prompt, *prefix] for prompt, prefix in zip(prompt_ids, prefixes, strict=True)],
-            images,
-            multimodal_fields,
-            has_tool_images,
-        )
+        # rollout calls; each row stops once it has generated what its prefix leaves of the completion budget (0 for a
+        # finished row, whose continuation is dropped), and the call ends once every row has.
         budget = self.args.max_completion_length
+        budgets = [
+            0 if stopped else max(budget - len(prefix), 0) for prefix, stopped in zip(prefixes, ended, strict=True)
+        ]
+        with self._row_budgets(budgets):
+            continuations = super()._generate_single_turn(
+                [[*prompt, *prefix] for prompt, prefix in zip(prompt_ids, prefixes, strict=True)],
+                images,
+                multimodal_fields,
+                has_tool_images,
+            )
+        # The cut still applies where the budget could not be passed down (a continuation generated by vLLM).
         completions = [
-            list(prefix) if stopped else [*prefix, *continuation[: budget - len(prefix)]]
-            for prefix, stopped, continuation in zip(prefixes, ended, continuations, strict=True)
+            list(prefix) if stopped else [*prefix, *continuation[:row_budget]]
+            for prefix, stopped, continuation, row_budget in zip(prefixes, ended, continuations, budgets, strict=True)
         ]
         self._tropd_prefix_lengths = [len(prefix) for prefix in prefixes]
         return completions
@@ -134,7 +154,7 @@ class TrOPDTrainer(TRBDistillTrainer):
             config = teacher_generation_config(
                 self.generation_config,
                 max_new_tokens=max(1, *lengths),
-                stop_ids=[*teacher_stop_ids, *self.eos_token_ids],
+                stop_ids=[*teacher_stop_ids, *self._trb_student_stop_ids],
                 pad_token_id=self._tokenizer.pad_token_id,
                 suppress_tokens=list(range(self._trb_vocab_size, output_vocab_size(teacher))),
             )
@@ -144,7 +164,7 @@ class TrOPDTrainer(TRBDistillTrainer):
                     prompt_ids[start : start + chunk],
                     lengths[start : start + chunk],
                     config,
-                    student_stop_ids=self.eos_token_ids,
+                    student_stop_ids=self._trb_student_stop_ids,
                     teacher_stop_ids=teacher_stop_ids,
                     synced_gpus=self._dist.is_zero3 and not gather,
                 )
@@ -189,12 +209,22 @@ class TrOPDTrainer(TRBDistillTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self._tropd_records = None
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        # Outside the wrapped forward, once per micro-batch on every process: one gather of a few counts.
+        # Outside the wrapped forward, once per micro-batch: this process's sums, with no collective (`log` reduces).
         records = self._tropd_records or {}
         device = self.accelerator.device
-        local = torch.tensor([float(records.get(name, 0.0)) for name in _RECORD_NAMES], device=device)
-        totals = dict(zip(_RECORD_NAMES, self.accelerator.gather(local).view(-1, len(_RECORD_NAMES)).sum(0).tolist()))
-        metrics = self._metrics["train" if self.model.training else "eval"]
+        local = torch.stack(
+            [torch.as_tensor(records.get(name, 0.0), dtype=torch.float64, device=device) for name in _RECORD_NAMES]
+        )
+        mode = "train" if self.model.training else "eval"
+        self._tropd_sums[mode] = self._tropd_sums[mode] + local if mode in self._tropd_sums else local
+        return result
+
+    def _log_tropd_metrics(self, mode: str) -> None:
+        """Sum this process's records since the last log over processes (one gather) and log each ratio of totals.
+        Every process computes the same number of losses between logs, so every process reaches the gather."""
+        local = self._tropd_sums.pop(mode)
+        totals = dict(zip(_RECORD_NAMES, self.accelerator.gather(local[None]).sum(0).tolist(), strict=True))
+        metrics = self._metrics[mode]
         continuation, prefix = totals["continuation_tokens"], totals["prefix_tokens"]
         if continuation > 0:
             metrics["tropd/trust_fraction"].append(totals["trusted_tokens"] / continuation)
@@ -205,4 +235,35 @@ class TrOPDTrainer(TRBDistillTrainer):
             metrics["tropd/reward/outlier"].append(totals["reward_sum_outlier"] / totals["outlier_tokens"])
         if continuation + prefix > 0:
             metrics["tropd/prefix_fraction"].append(prefix / (continuation + prefix))
-        return result
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        if mode in self._tropd_sums:
+            self._log_tropd_metrics(mode)
+        super().log(logs, start_time)
+
+    def _rollout_memory_phases(self, prompt_tokens: int = ASSUMED_PROMPT_TOKENS) -> list[RolloutPhase]:
+        """The parent's phases, plus guidance's: the teacher sampling prefixes of up to `prefix_max_length` tokens (in
+        chunks of `trb_generation_batch_size`), and every HF rollout continuing them. Each continuation row stops at
+        its own remaining budget, but one `generate` call is left-padded to its longest prompt + prefix and runs until
+        its largest budget is spent: with uniform prefix lengths it spans up to prompt + l_max + max_completion_length
+        columns; with `"max"` (every continued prefix has length l_max) prompt + max_completion_length."""
+        phases = super()._rollout_memory_phases(prompt_tokens)
+        args = self.args
+        if not args.tropd_guidance:
+            return phases
+        prefix = args.prefix_max_length
+        extra = prefix if args.tropd_prefix_sampling == "uniform" else 0
+        continuations = [
+            dataclasses.replace(
+                phase,
+                phase=f"{phase.phase} continuing teacher prefixes",
+                sequence_length=phase.sequence_length + extra,
+                cache_length=phase.cache_length + extra if phase.cache_length else None,
+            )
+            for phase in phases
+        ]
+        generation_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps
+        chunk = min(generation_batch, args.trb_generation_batch_size or generation_batch)
+        prefixes = RolloutPhase("TrOPD teacher-prefix rollout", chunk, prompt_tokens + prefix, student_generates=False)
+        return [prefixes, *continuations]

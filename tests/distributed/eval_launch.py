@@ -1,14 +1,15 @@
 """Launched by tests/distributed/test_eval_callback_launch.py under `accelerate launch` (2 processes, CPU, gloo).
 
 Trains the tiny pair for a few steps with in-training math evaluation (`MathEvalCallback`) on a local benchmark and
-writes what each rank saw to OUT/rank{N}.json. The processes score unequal shares of the problems, so they make
-different numbers of `generate` calls. The student really generates (HF `generate` on the model the callback hands
-over); its completions are then swapped for the scripted ones of `--completions`, so the expected pass@1 is known.
-`--sync-generate` turns off the callback's `synced_gpus=False`, the negative control: under ZeRO-3 transformers then
-syncs every decoding step across processes, which unequal shares cannot do. A hang dumps every rank's stack and exits.
+writes what each rank saw to OUT/rank{N}.json. The processes hold unequal shares of the problems. The student really
+generates (HF `generate` on the model the callback hands over); its completions are then swapped for the scripted
+ones of `--completions` (a wrong answer for a problem they do not name), so the expected pass@1 is known.
+
+With `--solo-benchmark`, the run takes one step more and its last evaluation scores that benchmark alone: one problem
+for two processes, so one process has nothing to score (the case that once hung in the gather and the reduce). A
+checkpoint is saved right after it (`--save-steps`). A hang dumps every rank's stack and exits.
 """
 
-import contextlib
 import json
 import os
 import sys
@@ -27,11 +28,10 @@ def parse_args():
     )
     parser.add_argument("--gather-student", choices=["true", "false"], default="true")
     parser.add_argument(
-        "--sync-generate",
-        action="store_true",
-        help="Negative control: keep transformers' synced_gpus in the evaluation's generate (the callback's "
-        "_generate_without_sync off).",
+        "--solo-benchmark",
+        help="Local benchmark file the last evaluation (at --max-steps) scores instead of --benchmark.",
     )
+    parser.add_argument("--save-steps", type=int, default=None, help="Save a checkpoint every N steps.")
     return parser.parse_args()
 
 
@@ -40,15 +40,13 @@ def main():
     guard_against_hangs(args.hang_timeout, setup=True)
 
     from tiny_config import tiny_prompts, tiny_run_args
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, TrainerCallback
 
     from trb_trl import TRBDistillTrainer
     from trb_trl.evaluation import callback
+    from trb_trl.evaluation.benchmarks import load_benchmark
     from trb_trl.evaluation.runner import score_benchmarks
     from trb_trl.evaluation.sampling import Completion, HFSampler
-
-    if args.sync_generate:
-        callback._generate_without_sync = lambda model: contextlib.nullcontext()
 
     rank = int(os.environ.get("RANK", 0))
     models = Path(args.models)
@@ -67,6 +65,7 @@ def main():
         math_eval_num_samples=num_samples,
         math_eval_max_new_tokens=4,
         math_eval_batch_size=4,  # a share of 6 samples takes two generate calls, one of 4 samples one
+        **({"save_strategy": "steps", "save_steps": args.save_steps} if args.save_steps else {}),
     )
     trainer = TRBDistillTrainer(
         model=str(models / "student"),
@@ -97,11 +96,31 @@ def main():
                     "num_tokens": [g.num_tokens for g in generated],
                 }
             )
-            return [Completion(scripted[r.problem_id][r.index]) for r in requests]
+            return [
+                Completion(scripted[r.problem_id][r.index] if r.problem_id in scripted else "No answer.")
+                for r in requests
+            ]
 
         return score_benchmarks(model, tokenizer, benchmarks, sampler=sample, **kwargs)
 
     callback.score_benchmarks = scripted_scores
+
+    class SoloBenchmarkLast(TrainerCallback):
+        """Before the last step, hand the evaluation callback the one-problem benchmark."""
+
+        def __init__(self, benchmark):
+            self.benchmark = benchmark
+
+        def on_step_begin(self, args_, state, control, **kwargs):
+            if state.global_step == state.max_steps - 1:
+                evaluation = next(
+                    c for c in trainer.callback_handler.callbacks if isinstance(c, callback.MathEvalCallback)
+                )
+                evaluation.benchmarks = [self.benchmark]
+
+    if args.solo_benchmark:
+        with trainer.accelerator.main_process_first():  # one dataset-cache build, then every process reads it
+            trainer.add_callback(SoloBenchmarkLast(load_benchmark(args.solo_benchmark)))
 
     guard_against_hangs(args.hang_timeout, setup=False)
     trainer.train()
@@ -113,6 +132,7 @@ def main():
         "zero_stage": trainer._dist.zero_stage,
         "generate_calls": generate_calls,
         "eval_rows": [entry for entry in log_history if callback.metric_key("math", "mean_pass@1") in entry],
+        "best_global_step": trainer.state.best_global_step,
         "losses": [entry["loss"] for entry in log_history if "loss" in entry],
     }
     write_rank_report(args.out, rank, result, trainer.accelerator)

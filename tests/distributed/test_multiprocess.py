@@ -23,11 +23,12 @@ CASES = {
     "zero3_sharded_teacher": (HERE / "zero3_strict_cpu.yaml", ["--gather-teacher", "false"], 3),
     # SKD consults the teacher at every token too: the same hazard, the same sharded-teacher path.
     "zero3_sharded_teacher_skd": (HERE / "zero3_strict_cpu.yaml", ["--gather-teacher", "false", "--policy", "skd"], 3),
-    # TrOPD with TRB warmup: teacher prefixes of rank-specific lengths from the sharded teacher (synced `generate`),
-    # TRB continuations, and TrOPD's loss with both lm_heads sharded.
+    # TrOPD with TRB warmup: teacher prefixes from the sharded teacher (synced `generate`), TRB continuations, and
+    # TrOPD's loss with both lm_heads sharded. Rank 0 has no prefix token at all (every length drawn 0) while rank 1
+    # samples prefixes up to the maximum: the prefix `generate`, the prefix metrics and the loss must not care.
     "zero3_sharded_teacher_tropd": (
         HERE / "zero3_strict_cpu.yaml",
-        ["--gather-teacher", "false", "--policy", "tropd"],
+        ["--gather-teacher", "false", "--policy", "tropd", "--no-prefix-on-rank0"],
         3,
     ),
     # The speculative engine with a sharded teacher: every rank runs the same number of draft/verify rounds.
@@ -38,8 +39,13 @@ CASES = {
     ),
     "zero2": (HERE / "zero2_cpu.yaml", [], 2),
     # Rank 0 also runs the rollout hook twice per generation, as TRL's tool loop does on a rank with tool calls:
-    # the parent has no collective there, so TRB must not add one.
-    "ddp": (REPO / "recipes" / "accelerate" / "ddp_cpu.yaml", ["--extra-rollout-on-rank0"], 0),
+    # the parent has no collective there, so TRB must not add one. The in-training evaluation scores one problem, so
+    # rank 1 has nothing to score.
+    "ddp": (
+        REPO / "recipes" / "accelerate" / "ddp_cpu.yaml",
+        ["--extra-rollout-on-rank0", "--math-eval-benchmark", str(HERE / "math_problems.jsonl")],
+        0,
+    ),
 }
 
 pytestmark = pytest.mark.slow
@@ -109,6 +115,10 @@ def test_rollout_metrics_are_reduced_across_ranks(results, case):
     if case == "ddp":  # rank 0 ran twice the rollouts of rank 1, and nothing hung
         counts = [len(rank["local_rollouts"]) for rank in ranks]
         assert counts[0] == 2 * counts[1] > 0
+        # The evaluations of one problem (rank 1 had none) logged the same scores on both ranks.
+        rows = [[{k: v for k, v in row.items() if "seconds" not in k} for row in rank["eval_rows"]] for rank in ranks]
+        assert [row["step"] for row in rows[0]] == [0, 3] and rows[0] == rows[1]
+        assert all(0 <= row["eval_math_problems/pass@1"] <= 1 for row in rows[0])
     skd = case.endswith("_skd")
     prefix = "skd/" if skd else "trb/"
     for rank in ranks:
@@ -139,6 +149,10 @@ def test_rollout_metrics_are_reduced_across_ranks(results, case):
         logs = ranks[0]["logs"]
         assert [entry["tropd/prefix_max_length"] for entry in logs] == [12, 6, 0]
         assert logs[0]["tropd/prefix_fraction"] > 0 and logs[2]["tropd/prefix_fraction"] == 0
+        # Prefixes drawn for the greedy rollout and at steps 0 and 1: none on rank 0, some on rank 1 (the fraction
+        # above is rank 1's alone).
+        assert [sum(lengths) for lengths in ranks[0]["prefix_lengths"]] == [0, 0, 0]
+        assert len(ranks[1]["prefix_lengths"]) == 3 and all(sum(lengths) > 0 for lengths in ranks[1]["prefix_lengths"])
         assert all(0 <= entry.get("tropd/trust_fraction", 0) <= 1 for entry in logs)
 
 

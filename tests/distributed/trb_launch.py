@@ -38,6 +38,16 @@ def parse_args():
         help="Rank 0 runs the rollout hook twice per generation (as TRL's tool loop does on a rank with tool calls).",
     )
     parser.add_argument(
+        "--math-eval-benchmark",
+        help="In-training math evaluation at the first and last step on the first problem of this benchmark "
+        "(math_eval_max_problems=1): rank 1 has no problem to score.",
+    )
+    parser.add_argument(
+        "--no-prefix-on-rank0",
+        action="store_true",
+        help="TrOPD: rank 0 draws prefix length 0 for every row (no teacher prefix token), rank 1 draws as usual.",
+    )
+    parser.add_argument(
         "--naive-teacher-step",
         action="store_true",
         help="Negative control: step a sharded teacher from the logits processor (the design that deadlocks).",
@@ -53,7 +63,7 @@ def main():
     from tiny_config import tiny_run_args
     from transformers import AutoTokenizer
 
-    from trb_trl import TRBDistillConfig, TRBDistillTrainer, TrOPDConfig, TrOPDTrainer
+    from trb_trl import TRBDistillConfig, TRBDistillTrainer, TrOPDConfig, TrOPDTrainer, tropd_trainer
     from trb_trl.rollout import SpeculativeBlendingSampler, TeacherGuidedProcessor
 
     if args.naive_teacher_step:
@@ -61,6 +71,17 @@ def main():
 
     rank = int(os.environ.get("RANK", 0))
     models = Path(args.models)
+    prefix_lengths = []  # TrOPD: the prefix lengths this rank drew, per rollout
+    draw_prefix_lengths = tropd_trainer.draw_prefix_lengths
+
+    def record_prefix_lengths(max_length, count, *a, **k):
+        lengths = draw_prefix_lengths(max_length, count, *a, **k)
+        if args.no_prefix_on_rank0 and rank == 0:
+            lengths = [0] * count
+        prefix_lengths.append(lengths)
+        return lengths
+
+    tropd_trainer.draw_prefix_lengths = record_prefix_lengths
     tokenizer = AutoTokenizer.from_pretrained(models / "tokenizer")
     prompts = Dataset.from_list([{"prompt": f"w{i} w{i + 1} w{i + 2} w{i % 7}"} for i in range(64)])
     policy = {
@@ -79,6 +100,17 @@ def main():
         shuffle_dataset=False,
         **policy,
         **({"trb_rollout_engine": "speculative", "trb_draft_length": 4} if args.engine == "speculative" else {}),
+        **(
+            {
+                "math_eval_benchmarks": [args.math_eval_benchmark],
+                "math_eval_max_problems": 1,
+                "math_eval_steps": args.max_steps,
+                "math_eval_num_samples": 2,
+                "math_eval_max_new_tokens": 4,
+            }
+            if args.math_eval_benchmark
+            else {}
+        ),
     )
 
     local_rollouts = []
@@ -181,7 +213,9 @@ def main():
         "greedy_prompts": greedy_prompts,
         "greedy_completions": greedy_completions,
         "local_rollouts": local_rollouts,
+        "prefix_lengths": prefix_lengths,
         "logs": [entry for entry in trainer.state.log_history if "loss" in entry],
+        "eval_rows": [entry for entry in trainer.state.log_history if "eval_math/mean_pass@1" in entry],
     }
     write_rank_report(args.out, rank, result, trainer.accelerator)
     return 0

@@ -21,12 +21,13 @@ import time
 
 import numpy as np
 import torch
+from accelerate.utils import broadcast_object_list
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
-from .._compat import unwrap_model_for_generation
-from .benchmarks import load_benchmark
+from ..zero3 import gathered_without_hooks
+from .benchmarks import Benchmark, Problem, load_benchmark
 from .grading import AnswerChecker
 from .runner import score_benchmarks
 
@@ -56,9 +57,12 @@ class MathEvalCallback(TrainerCallback):
     so `save_total_limit` never deletes the best checkpoint and `trainer_state.json` names it.
 
     The processes share the work and agree on the scores: each scores a strided share of the problems (the counts are
-    summed across processes), generating on its own (the student gathered under ZeRO-3 as the trainer gathers it for
-    rollouts). When the student's forward needs every process (ZeRO-3 with `ds3_gather_for_generation=False`, FSDP),
-    every process scores every problem with its share of the samples instead, so all make the same `generate` calls.
+    summed across processes), generating on its own (under ZeRO-3 the student is gathered, with none of DeepSpeed's
+    hooks left, so its `generate` needs no collective). A share one problem short of the others (or empty: fewer
+    problems than processes) is padded with a copy of a problem whose samples are not graded ([`process_share`]), so
+    every process makes the same `generate` calls and reaches the same collectives. When the student's forward needs
+    every process (ZeRO-3 with `ds3_gather_for_generation=False`, FSDP), every process scores every problem with its
+    share of the samples instead, so all make the same `generate` calls.
 
     Turning evaluation on does not change training: the model goes back to train mode, and the random state
     (Python, NumPy, torch CPU and device generators) is restored after each evaluation, which samples with a seed of
@@ -120,39 +124,41 @@ class MathEvalCallback(TrainerCallback):
         split_samples = world > 1 and (
             (trainer._dist.is_zero3 and not args.ds3_gather_for_generation) or trainer._dist.is_fsdp
         )
-        if split_samples:  # every process runs the same generate calls, as a sharded forward needs
+        # Every process scores, and makes the same generate calls, whatever its share holds (DESIGN.md §4).
+        if split_samples:  # every problem on every process, as a sharded forward needs
             num_samples = -(-args.math_eval_num_samples // world)
-            shares = list(self.benchmarks)
+            shares, padding = list(self.benchmarks), {}
         else:
             num_samples = args.math_eval_num_samples
-            shares = [dataclasses.replace(b, problems=b.problems[rank::world]) for b in self.benchmarks]
-        scored = [share for share in shares if share.problems]
+            shares, padding = [], {}
+            for benchmark in self.benchmarks:
+                share, padding[benchmark.name] = process_share(benchmark, world, rank)
+                shares.append(share)
         start = time.perf_counter()
-        results = {}
-        if scored:
-            with (
-                _preserved_rng_state(accelerator.device),
-                _preserved_padding(tokenizer),
-                self._generation_model(args, synced=split_samples) as model,
-            ):
-                results = score_benchmarks(
-                    model,
-                    tokenizer,
-                    scored,
-                    num_samples=num_samples,
-                    temperature=args.math_eval_temperature,
-                    top_p=TOP_P,
-                    max_new_tokens=args.math_eval_max_new_tokens or args.max_completion_length,
-                    system_prompt=args.math_eval_system_prompt,
-                    batch_size=args.math_eval_batch_size
-                    or args.per_device_train_batch_size * args.gradient_accumulation_steps,
-                    seed=args.seed + rank,
-                    checker=self.checker,
-                )["benchmarks"]
+        with (
+            _preserved_rng_state(accelerator.device),
+            _preserved_padding(tokenizer),
+            self._generation_model(args, synced=split_samples) as model,
+        ):
+            results = score_benchmarks(
+                model,
+                tokenizer,
+                shares,
+                num_samples=num_samples,
+                temperature=args.math_eval_temperature,
+                top_p=TOP_P,
+                max_new_tokens=args.math_eval_max_new_tokens or args.max_completion_length,
+                system_prompt=args.math_eval_system_prompt,
+                batch_size=args.math_eval_batch_size
+                or args.per_device_train_batch_size * args.gradient_accumulation_steps,
+                seed=args.seed + rank,
+                checker=self.checker,
+                padding=padding,
+            )["benchmarks"]
         # Per benchmark: the sum over this process's problems of c/n, and their number; summed over processes.
         totals = torch.zeros(len(shares), 2, dtype=torch.float64, device=accelerator.device)
         for index, share in enumerate(shares):
-            if share.name in results:
+            if share.problems:
                 totals[index, 0] = results[share.name]["pass@1"] * results[share.name]["num_problems"]
                 totals[index, 1] = results[share.name]["num_problems"]
         totals = accelerator.reduce(totals, reduction="sum").cpu().tolist()
@@ -189,20 +195,19 @@ class MathEvalCallback(TrainerCallback):
 
     @contextlib.contextmanager
     def _generation_model(self, args, *, synced: bool):
-        """The student, unwrapped for `generate` as the trainer unwraps it for rollouts, in eval mode; train mode
-        (if it was on) comes back afterwards."""
+        """The student, unwrapped for `generate`, in eval mode; train mode (if it was on) comes back afterwards.
+
+        Under ZeRO-3 with `ds3_gather_for_generation` it is gathered with none of DeepSpeed's hooks, not even the
+        start-of-forward one (TRL's `unwrap_model_for_generation` keeps it, and it compares module traces across
+        processes with a collective in the first forwards after every gather), so `generate` issues no collective
+        and processes may stop at different lengths. Without the gather the forward is sharded and `synced`."""
         trainer = self.trainer
         wrapped = trainer.model_wrapped
         was_training = wrapped.training
         wrapped.eval()
         try:
             with (
-                unwrap_model_for_generation(
-                    wrapped,
-                    trainer.accelerator,
-                    gather_deepspeed3_params=args.ds3_gather_for_generation,
-                    gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs,
-                ) as model,
+                gathered_without_hooks(wrapped, trainer.accelerator, gather=args.ds3_gather_for_generation) as model,
                 torch.no_grad(),
                 trainer._dist.summon_full_params(wrapped, recurse=False),
             ):
@@ -237,10 +242,15 @@ class MathEvalCallback(TrainerCallback):
     def _resume(self, args, state) -> None:
         """Continue the record of the interrupted run up to the resumed step, so the best step stays the run's."""
         path = os.path.join(args.output_dir, RESULTS_FILE)
-        if not os.path.isfile(path):
+        # The main process's record, on every process: the best step must be the same everywhere (the Trainer enters
+        # a barrier when it saves a checkpoint only if `best_global_step` is set), also on a node without the file.
+        previous = [None]
+        if self.trainer.is_world_process_zero() and os.path.isfile(path):
+            with open(path) as file:
+                previous = [json.load(file)]
+        previous = broadcast_object_list(previous)[0]
+        if previous is None:
             return
-        with open(path) as file:
-            previous = json.load(file)
         if previous.get("settings", {}).get("benchmarks") != self._settings(args)["benchmarks"]:
             logger.warning(f"{path} scored other benchmarks; the resumed run starts a new record.")
             return
@@ -283,6 +293,26 @@ class MathEvalCallback(TrainerCallback):
         with open(path + ".tmp", "w") as file:
             json.dump(content, file, indent=2)
         os.replace(path + ".tmp", path)
+
+
+def process_share(
+    benchmark: Benchmark, num_processes: int, process_index: int
+) -> tuple[Benchmark, tuple[Problem, ...]]:
+    """This process's strided share of `benchmark`'s problems, and the padding that brings it to the size of the
+    largest share: copies of the benchmark's first problem under new ids, to be sampled and not graded. Every process
+    then samples the same number of problems, in the same batches, so it makes the same `generate` calls as the others
+    (a share is empty when there are fewer problems than processes)."""
+    share = benchmark.problems[process_index::num_processes]
+    size = -(-len(benchmark.problems) // num_processes)
+    ids = {problem.id for problem in benchmark.problems}
+    template = benchmark.problems[0]
+    padding = []
+    for index in range(size - len(share)):
+        problem_id = f"padding-{index}"
+        while problem_id in ids:
+            problem_id = f"_{problem_id}"
+        padding.append(Problem(problem_id, template.problem, template.answer))
+    return dataclasses.replace(benchmark, problems=share), tuple(padding)
 
 
 @contextlib.contextmanager

@@ -22,11 +22,12 @@ import json
 import os
 import platform
 import time
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 
-from .benchmarks import Benchmark, load_benchmark, parse_benchmarks
+from .benchmarks import Benchmark, Problem, load_benchmark, parse_benchmarks
 from .grading import AnswerChecker
 from .pass_at_k import mean_pass_at_k
 from .prompts import DEFAULT_SYSTEM_PROMPT, has_chat_template, render_prompt
@@ -168,6 +169,7 @@ def score_benchmarks(
     checker: AnswerChecker | None = None,
     progress: bool = False,
     sampler: Sampler | None = None,
+    padding: Mapping[str, Sequence[Problem]] | None = None,
 ) -> dict:
     """Score `model` (in memory, HF `generate`) on `benchmarks`; write nothing.
 
@@ -175,18 +177,24 @@ def score_benchmarks(
     `{"benchmarks": {name: {"pass@1", "num_problems", "num_samples", ...}}, "mean": mean pass@1 over benchmarks}`.
     Sampling uses its own seeded random streams, so scoring inside a training run does not change the run. `sampler`
     replaces the model's sampler (tests).
+
+    `padding` maps a benchmark's name to extra problems that are sampled after its own, in the same batches, and not
+    graded: a process of a distributed evaluation pads its share with them so that it makes the same `generate` calls
+    as the others, also when its share is empty (then the benchmark's `pass@1` is None and `num_problems` 0).
     """
+    padding = {name: tuple(problems) for name, problems in (padding or {}).items() if problems}
+    sampled = [_padded(benchmark, padding.get(benchmark.name, ())) for benchmark in benchmarks]
     counts = {b.name: num_samples or b.num_samples for b in benchmarks}
-    _check_counts(benchmarks, counts, [])
+    _check_counts(sampled, counts, [])
     checker = checker or AnswerChecker()
     if sampler is None:
         sampler = HFSampler(model, tokenizer, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
     results = {}
-    for benchmark in benchmarks:
+    for benchmark, padded in zip(benchmarks, sampled, strict=True):
         start = time.perf_counter()
-        prompts = {p.id: render_prompt(tokenizer, p.problem, system_prompt) for p in benchmark.problems}
+        prompts = {p.id: render_prompt(tokenizer, p.problem, system_prompt) for p in padded.problems}
         records = run_benchmark(
-            benchmark,
+            padded,
             num_samples=counts[benchmark.name],
             prompts=prompts,
             sampler=sampler,
@@ -195,9 +203,24 @@ def score_benchmarks(
             seed=seed,
             progress=progress,
         )
-        results[benchmark.name] = benchmark_scores(benchmark, records, counts[benchmark.name])
+        if benchmark.problems:  # graded on its own problems only: the padding's records are dropped
+            results[benchmark.name] = benchmark_scores(benchmark, records, counts[benchmark.name])
+        else:
+            results[benchmark.name] = {"pass@1": None, "num_problems": 0, "num_samples": counts[benchmark.name]}
         results[benchmark.name]["seconds"] = time.perf_counter() - start
     return {"benchmarks": results, "mean": suite_mean(results, "pass@1")}
+
+
+def _padded(benchmark: Benchmark, padding: tuple[Problem, ...]) -> Benchmark:
+    """`benchmark` with `padding` appended to its problems (their ids must be new)."""
+    if not padding:
+        return benchmark
+    own = {problem.id for problem in benchmark.problems}
+    ids = [problem.id for problem in padding]
+    reused = sorted({i for i in ids if i in own} | {i for i in ids if ids.count(i) > 1})
+    if reused:
+        raise ValueError(f"The padding of {benchmark.name} reuses problem ids {reused}.")
+    return replace(benchmark, problems=(*benchmark.problems, *padding))
 
 
 def suite_mean(scores: dict[str, dict], metric: str) -> float | None:

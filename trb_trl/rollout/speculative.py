@@ -2,7 +2,7 @@
 
 mu* is within KL epsilon of the student, so the student is an excellent draft model for it. Each round the student
 drafts `gamma` tokens from its own sampling distribution q (its tempered, truncated scores, exactly what `generate`
-would sample from the student alone), the teacher runs once over the whole block, and mu* is formed at every drafted
+would sample from the student alone, with its mass on the teacher's stop ids merged into its stop id), the teacher runs once over the whole block, and mu* is formed at every drafted
 position from the two models' logits there, exactly as [`TrustRegionBlendingProcessor`] forms it (same vocabulary cut,
 stop alignment, temperature and banned tokens), then truncated by top-k/top-p/min-p exactly as `generate`'s warpers
 truncate the processor's scores: the target p. Drafted token t is accepted with probability min(1, p_t(x_t) / q_t(x_t))
@@ -18,7 +18,7 @@ ignored) and are padded with `pad_token_id`, as in `generate`.
 """
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple, Protocol
 
 import torch
@@ -33,6 +33,7 @@ from transformers import (
 from ..blending import trust_region_blend
 from ..memory_preflight import count_parameters
 from ..stop_alignment import as_id_list
+from .cached_forward import forward_with_cache
 from .statistics import TokenMetric
 from .teacher import output_vocab_size, shared_vocab_size, stop_setup, teacher_vocab_size
 from .trust_region import TrustRegionBlendingProcessor, blend_summary, check_epsilon
@@ -137,15 +138,15 @@ def sample_categorical(weights: torch.Tensor) -> torch.LongTensor:
 
 
 def _forward(model, cache, input_ids, attention_mask, position_ids, logits_to_keep):
-    outputs = model(
+    outputs, cache = forward_with_cache(
+        model,
+        cache,
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
-        past_key_values=cache,
-        use_cache=True,
         logits_to_keep=logits_to_keep,
     )
-    return outputs.logits, outputs.past_key_values
+    return outputs.logits, cache
 
 
 class StudentDrafter:
@@ -426,6 +427,14 @@ class SpeculativeBlendingSampler:
             scores[..., plan.stop_ids] = scores[..., plan.stop_ids].masked_fill(early, float("-inf"))
         return scores
 
+    def _student_scores(self, plan: _Plan, scores: torch.Tensor, new_counts: torch.Tensor, vocab: int):
+        """The student's scores as the processor sees them: banned in place ([`_banned`]), then with its own mass on
+        the teacher's stop ids moved onto its stop id, as the processor merges it (drafts and mu* alike)."""
+        scores = self._banned(plan, scores, new_counts, vocab)
+        if self.stop_alignment is None:
+            return scores
+        return self.stop_alignment.apply_to_scores(scores, temperature=self.temperature)
+
     @staticmethod
     def _warp(plan: _Plan, scores: torch.Tensor) -> torch.Tensor:
         """`generate`'s warpers on `(N, V)` scores (they ignore `input_ids`)."""
@@ -438,7 +447,7 @@ class SpeculativeBlendingSampler:
         (`temperature * log mu*`, `-inf` beyond the shared vocabulary), with the blend's per-token records."""
         teacher = teacher_logits[:, :vocab].float()
         if self.stop_alignment is not None:
-            teacher = self.stop_alignment.apply(teacher)
+            teacher = self.stop_alignment.apply(teacher, temperature=self.temperature)
         blend = trust_region_blend(student_scores[:, :vocab], teacher, epsilon, temperature=self.temperature)
         target = student_scores.new_full(student_scores.shape, float("-inf"))
         target[:, :vocab] = blend.logprobs * self.temperature
@@ -460,10 +469,14 @@ class SpeculativeBlendingSampler:
         input_ids: torch.LongTensor,
         attention_mask: torch.LongTensor | None = None,
         generation_config: GenerationConfig | None = None,
+        *,
+        row_max_new_tokens: Sequence[int] | torch.Tensor | None = None,
         **kwargs,
     ) -> torch.LongTensor:
         """`model.generate(input_ids, attention_mask, generation_config, **kwargs)` with the processor's mu* as the
-        sampling distribution: returns the `(batch * num_return_sequences, prompt_length + new)` sequences."""
+        sampling distribution: returns the `(batch * num_return_sequences, prompt_length + new)` sequences.
+        `row_max_new_tokens` (one per generated row) stops each row at its own length within `max_new_tokens`, as a
+        per-row stopping criterion stops it in `generate` (at least one token per row, as `generate` samples)."""
         for name in ("logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "assistant_model"):
             if kwargs.pop(name, None):
                 raise ValueError(
@@ -492,6 +505,12 @@ class SpeculativeBlendingSampler:
             input_ids = input_ids.repeat_interleave(plan.num_return_sequences, dim=0)
             attention_mask = attention_mask.repeat_interleave(plan.num_return_sequences, dim=0)
         rows = input_ids.shape[0]
+        limits = torch.full((rows,), plan.max_new_tokens, dtype=torch.long, device=input_ids.device)
+        if row_max_new_tokens is not None:
+            budgets = torch.as_tensor(row_max_new_tokens, dtype=torch.long).reshape(-1).to(input_ids.device)
+            if budgets.numel() != rows:
+                raise ValueError(f"row_max_new_tokens has {budgets.numel()} entries for {rows} generated rows.")
+            limits = budgets.clamp(1, plan.max_new_tokens)
         epsilon = self.epsilon
         if isinstance(epsilon, torch.Tensor):
             if epsilon.numel() not in (1, rows):
@@ -507,12 +526,14 @@ class SpeculativeBlendingSampler:
                 self.cost_ratio = count_parameters(self.teacher_model) / max(count_parameters(model), 1)
         self._drafter = self.drafter_factory(model)
         try:
-            generated = self._run(plan, input_ids, attention_mask, epsilon, vocab)
+            generated = self._run(plan, input_ids, attention_mask, epsilon, vocab, limits)
         finally:
             self.release()
         return torch.cat([input_ids, generated], dim=1)
 
-    def _run(self, plan: _Plan, input_ids, prompt_mask, epsilon, vocab) -> torch.LongTensor:
+    def _run(self, plan: _Plan, input_ids, prompt_mask, epsilon, vocab, limits) -> torch.LongTensor:
+        """Draft/verify rounds until every row stopped or generated its `limits` entry (new tokens, at most
+        `plan.max_new_tokens`); the returned width is the longest row's."""
         device = input_ids.device
         rows = input_ids.shape[0]
         max_new = plan.max_new_tokens
@@ -524,7 +545,7 @@ class SpeculativeBlendingSampler:
         pending_ids, pending_mask = input_ids, prompt_mask
         pending_positions = (prompt_mask.cumsum(-1) - 1).clamp_min(0)
         while True:
-            gamma = self._next_draft_length(unfinished, num_generated, max_new)
+            gamma = self._next_draft_length(unfinished, num_generated, limits)
             if gamma is None:
                 break
             self._rounds += 1
@@ -533,7 +554,7 @@ class SpeculativeBlendingSampler:
 
             def choose(step, logits, new_counts=new_counts):
                 # Banning in place leaves the drafter's stored logits as generate's processors would (idempotent).
-                scores = self._banned(plan, logits, new_counts[:, step], vocab)
+                scores = self._student_scores(plan, logits, new_counts[:, step], vocab)
                 if not plan.do_sample:
                     return scores.argmax(-1), None
                 probs = torch.softmax(self._warp(plan, scores), dim=-1)
@@ -545,11 +566,13 @@ class SpeculativeBlendingSampler:
             drafts = block.tokens
             last_position = pending_positions[:, -1:]
             draft_positions = last_position + torch.arange(1, gamma + 1, device=device)
-            # Positions whose token may be emitted: rows still running, within max_new_tokens.
-            needed = unfinished[:, None] & (new_counts < max_new)
+            # Positions whose token may be emitted: rows still running, within their limit.
+            needed = unfinished[:, None] & (new_counts < limits[:, None])
             flat_needed = needed.flatten()
             index = flat_needed.nonzero().squeeze(1)
-            student_scores = self._banned(plan, block.logits.flatten(0, 1)[index], new_counts.flatten()[index], vocab)
+            student_scores = self._student_scores(
+                plan, block.logits.flatten(0, 1)[index], new_counts.flatten()[index], vocab
+            )
             records = None
             if self.is_active and index.numel():
                 teacher_logits = self._verify(
@@ -588,7 +611,7 @@ class SpeculativeBlendingSampler:
                 stopped = is_stop.any(1) & (first_stop < count)
             else:
                 stopped = torch.zeros_like(unfinished)
-            count = torch.minimum(count, max_new - num_generated)
+            count = torch.minimum(count, limits - num_generated)
             count = torch.where(unfinished, count, 0)
             emitted = steps < count[:, None]
             columns = torch.where(emitted, num_generated[:, None] + steps, max_new + steps)
@@ -596,7 +619,7 @@ class SpeculativeBlendingSampler:
             self._record(records, slot, emitted, accepted, count, unfinished)
 
             num_generated = num_generated + count
-            still = unfinished & ~stopped & (num_generated < max_new)
+            still = unfinished & ~stopped & (num_generated < limits)
             # Columns fed this round: the pending ones (valid as fed) and the drafts, valid up to the last accepted one.
             draft_valid = (steps[:gamma] < accepted[:, None]) & still[:, None]
             committed_mask = torch.cat([mask, draft_valid.long()], dim=1)
@@ -607,10 +630,10 @@ class SpeculativeBlendingSampler:
         width = int(num_generated.max())
         return generated[:, :width]
 
-    def _next_draft_length(self, unfinished, num_generated, max_new) -> int | None:
-        """This round's draft length (never drafting past the longest remaining row's `max_new_tokens`), or None
-        when generation is over. Synced: the largest over processes, and over only when every process is done."""
-        remaining = torch.where(unfinished, max_new - num_generated, 0).max()
+    def _next_draft_length(self, unfinished, num_generated, limits) -> int | None:
+        """This round's draft length (never drafting past the longest remaining row's limit), or None when generation
+        is over. Synced: the largest over processes, and over only when every process is done."""
+        remaining = torch.where(unfinished, limits - num_generated, 0).max()
         if not self.synced or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             remaining = int(remaining)
             return None if remaining <= 0 else self._choose_draft_length(remaining - 1)

@@ -6,6 +6,7 @@ from typing import NamedTuple
 import torch
 
 from ..stop_alignment import StopAlignment, as_id_list
+from .cached_forward import forward_with_cache
 
 
 def output_vocab_size(model: torch.nn.Module) -> int:
@@ -124,15 +125,14 @@ class TeacherStepper:
         else:
             mask = torch.cat([self._attention_mask, self._attention_mask.new_ones(new_tokens.shape)], dim=1)
             position_ids = self._next_position + torch.arange(new_tokens.shape[1], device=new_tokens.device)
-        outputs = self.teacher_model(
+        outputs, self._cache = forward_with_cache(
+            self.teacher_model,
+            self._cache,
             input_ids=new_tokens,
             attention_mask=mask,
             position_ids=position_ids,
-            past_key_values=self._cache,
-            use_cache=True,
             logits_to_keep=1,
         )
-        self._cache = outputs.past_key_values
         self._attention_mask = mask
         self._next_position = position_ids[:, -1:] + 1
         self._length += new_tokens.shape[1]

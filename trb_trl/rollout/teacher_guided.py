@@ -11,9 +11,10 @@ class TeacherGuidedProcessor(LogitsProcessor):
     """Base of the `LogitsProcessor`s that consult a teacher at every decoding step of `generate`.
 
     Each call advances a [`TeacherStepper`] by the token just sampled, cuts both models' scores to the shared
-    vocabulary, moves the teacher's mass on stop ids the student does not use onto the student's stop id
-    ([`StopAlignment`]), hands both to `_step` and keeps the per-token records `_step` returns for the rows that had
-    not finished. Use one instance per `generate` call and `release()` it when `generate` returns.
+    vocabulary, moves each model's mass on the teacher's stop ids that the student does not use onto the student's
+    stop id ([`StopAlignment`], merged in the tempered distributions), hands both to `_step` and keeps the per-token
+    records `_step` returns for the rows that had not finished. A merged id is never sampled: a rollout ends on the
+    student's stop id whichever model wanted to stop. Use one instance per `generate` call and `release()` it when `generate` returns.
 
     Args:
         teacher_model (`PreTrainedModel`):
@@ -77,15 +78,30 @@ class TeacherGuidedProcessor(LogitsProcessor):
         per-token records (one `(batch,)` tensor per `STATISTICS` name)."""
         raise NotImplementedError
 
+    @property
+    def _teacher_stop_temperature(self) -> float:
+        """The temperature of the teacher distribution the policy uses, at which its stop mass is merged."""
+        return self.temperature
+
     def _resolve_vocab(self, student_vocab: int) -> int:
         return shared_vocab_size(student_vocab, self.teacher_vocab_size, self.vocab_size)
+
+    def stop_rows_at(self, max_new_tokens: list[int]) -> None:
+        """Per-row limits on new tokens that `generate` enforces with a stopping criterion (TrOPD's remaining budget
+        after a teacher prefix): a row past its limit is finished, its padded steps left out of the statistics."""
+        self._row_limits = torch.tensor(max_new_tokens, dtype=torch.long)
+
+    _row_limits: torch.Tensor | None = None
 
     def _update_finished(self, input_ids: torch.LongTensor) -> None:
         if self._finished is None:
             self._finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
             self._prompt_length = input_ids.shape[1]
-            return
-        if input_ids.shape[1] <= self._prompt_length or not self.student_eos_token_ids:
+        generated = input_ids.shape[1] - self._prompt_length
+        if self._row_limits is not None:
+            self._row_limits = self._row_limits.to(input_ids.device)
+            self._finished |= self._row_limits <= generated
+        if generated == 0 or not self.student_eos_token_ids:
             return
         if self._student_stop_tensor is None:
             self._student_stop_tensor = torch.tensor(self.student_eos_token_ids, device=input_ids.device)
@@ -99,9 +115,11 @@ class TeacherGuidedProcessor(LogitsProcessor):
         vocab = self._shared_vocab
         teacher_logits = self.teacher.next_token_logits(input_ids)[:, :vocab].float()
         self._update_finished(input_ids)
-        if self.stop_alignment is not None:
-            teacher_logits = self.stop_alignment.apply(teacher_logits)
-        new_scores, records = self._step(scores[:, :vocab], teacher_logits)
+        student_scores = scores[:, :vocab]
+        if self.stop_alignment is not None:  # "stop" is one event for both models, at the sampling temperature
+            student_scores = self.stop_alignment.apply_to_scores(student_scores, temperature=self.temperature)
+            teacher_logits = self.stop_alignment.apply(teacher_logits, temperature=self._teacher_stop_temperature)
+        new_scores, records = self._step(student_scores, teacher_logits)
         records["active"] = ~self._finished.clone()
         self._records.append(records)
         output = scores.new_full(scores.shape, float("-inf"))  # padded lm_head rows beyond the vocabulary: never

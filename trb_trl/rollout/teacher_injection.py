@@ -32,8 +32,8 @@ class TeacherInjectionProcessor(TeacherGuidedProcessor):
     so it does not depend on any temperature; ties at the K-th logit count as members.
 
     Banned tokens (student scores already at `-inf`) are never drawn, neither by the student nor by the teacher,
-    whose distribution is renormalised over the allowed tokens, and are left out of the teacher's top-K ranking. The
-    teacher's stop mass is moved onto the student's stop id first, as in TRB. A row whose teacher logits are invalid
+    whose distribution is renormalised over the allowed tokens, and are left out of the teacher's top-K ranking. Both
+    models' stop mass is moved onto the student's stop id first, as in TRB. A row whose teacher logits are invalid
     (NaN, or no finite mass on the allowed tokens) keeps the student's token and is counted in `teacher_valid`.
 
     Recorded per token (`statistics()`): `replaced` (the student's token was replaced), `replacement_probability`
@@ -85,6 +85,10 @@ class TeacherInjectionProcessor(TeacherGuidedProcessor):
         if min_p is not None:
             warpers.append(MinPLogitsWarper(min_p=min_p))
         self._student_warpers = warpers
+
+    @property
+    def _teacher_stop_temperature(self) -> float:
+        return self.teacher_temperature  # replacements are drawn at tau_T
 
     def _step(self, scores, teacher_logits):
         allowed = scores > float("-inf")

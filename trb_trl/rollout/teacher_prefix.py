@@ -12,7 +12,7 @@ import random
 import torch
 from transformers import GenerationConfig
 
-from ..stop_alignment import as_id_list
+from ..stop_alignment import cut_at_stop
 
 
 PREFIX_SAMPLING = ("uniform", "max")
@@ -47,18 +47,6 @@ def teacher_generation_config(
     if suppress_tokens:
         config.suppress_tokens = sorted({*(config.suppress_tokens or []), *suppress_tokens})
     return config
-
-
-def cut_at_stop(tokens: list[int], student_stop_ids, teacher_stop_ids) -> tuple[list[int], bool]:
-    """`tokens` up to and including the first stop, with a teacher stop id the student does not stop on (an instruct
-    teacher's `<|im_end|>` for a Base student) replaced by the student's stop id; and whether a stop was found."""
-    student_ids, teacher_ids = as_id_list(student_stop_ids), as_id_list(teacher_stop_ids)
-    for position, token in enumerate(tokens):
-        if token in student_ids:
-            return [*tokens[:position], token], True
-        if token in teacher_ids:
-            return [*tokens[:position], student_ids[0] if student_ids else token], True
-    return list(tokens), False
 
 
 @torch.no_grad()
