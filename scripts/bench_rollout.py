@@ -58,6 +58,7 @@ from transformers import DynamicCache, LogitsProcessorList, Qwen3Config, Qwen3Fo
 
 from trb_trl import TrustRegionBlendingProcessor, trust_region_blend
 from trb_trl.rollout import SpeculativeBlendingSampler
+from trb_trl.rollout.cached_forward import forward_with_cache
 from trb_trl.testing import build_tiny_qwen3
 
 
@@ -451,13 +452,11 @@ def op_counts(batch_size: int) -> dict:
         model = Qwen3ForCausalLM(config).eval()
         prompt = torch.randint(3, 1000, (batch_size, 16))
         with torch.no_grad():
-            cache = model(
-                input_ids=prompt, past_key_values=DynamicCache(config=config), use_cache=True
-            ).past_key_values
+            _, cache = forward_with_cache(model, DynamicCache(config=config), input_ids=prompt)
         step = prompt[:, :1]
         counts[f"{role}_decode_step"], _ = count_dispatched_ops(
-            lambda model=model, cache=cache, step=step: model(
-                input_ids=step, past_key_values=cache, use_cache=True, logits_to_keep=1
+            lambda model=model, cache=cache, step=step: forward_with_cache(
+                model, cache, input_ids=step, logits_to_keep=1
             )
         )
     logits = torch.zeros(2, batch_size, shape.shared_vocab, device="meta")

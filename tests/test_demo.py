@@ -1,8 +1,9 @@
 import json
 import math
 import random
+import re
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -10,7 +11,14 @@ import torch
 from trb_trl.demo import runner
 from trb_trl.demo.methods import METHODS, RunSettings, parse_methods
 from trb_trl.demo.models import exact_match_accuracy, heldout_accuracy
-from trb_trl.demo.report import RunResult, build_report, summary_table, warmup_checkpoint
+from trb_trl.demo.report import (
+    QUANTITIES,
+    RunResult,
+    build_report,
+    report_figure,
+    summary_table,
+    warmup_checkpoint,
+)
 from trb_trl.demo.tasks import TASKS
 from trb_trl.demo.tasks.addition import (
     AdditionProblem,
@@ -291,6 +299,128 @@ def test_summary_column_is_labelled_with_the_step_it_shows():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# report.png: one quantity per axis, labelled with its unit; integer ticks on every step axis.
+
+UNITS = {"fraction", "unitless", "nats per token", "tokens"}
+STEPS = 12
+
+
+def _full_report() -> dict:
+    """Every method with its per-step metrics (each a recognisable function of k), the teacher's entropy on the
+    rollouts and the continuation probe: every panel the figure can draw."""
+    per_method = {
+        "opd": {},
+        "trb": {"trb/epsilon": lambda k: 0.2 * max(0.0, 1 - k / 4), "trb/beta/mean": lambda k: 0.8 if k < 4 else None},
+        "fixed_epsilon": {"trb/epsilon": lambda k: 0.2, "trb/beta/mean": lambda k: min(1.0, 0.7 + 0.05 * k)},
+        "skd": {"skd/replacement_rate": lambda k: 0.08 / (1 + k)},
+        "temperature": {"rollout/temperature": lambda k: min(1.0, 0.8 + 0.05 * k)},
+        "veto": {"veto/beta": lambda k: 0.4 * (1 - k / STEPS)},
+        "sft_warmup": {},
+        "tropd": {"tropd/prefix_max_length": lambda k: max(0, 8 - 2 * k), "tropd/trust_fraction": lambda k: 0.9},
+    }
+    runs = {}
+    for method, metrics in per_method.items():
+        values = {name: [f(k) for k in range(STEPS)] for name, f in metrics.items()}
+        values["rollout/teacher_entropy"] = [0.1 / (1 + k) for k in range(STEPS)]
+        runs[method] = [
+            RunResult(steps=[0, 4, 8, 12], accuracy=[0.1, 0.5 + s, 0.7 + s, 0.8], metrics=values) for s in (0, 0.05)
+        ]
+    probe = {"lengths": [4, 8, 12], "problems": 256, "epsilon": 0.2, "prefixes": {}}
+    for source in ("student", "trb"):
+        probe["prefixes"][source] = {
+            "teacher_continues": [0.7, 0.5, 0.3],
+            "student_continues": [0.1, 0.1, 0.1],
+            "on_track": [0.71, 0.5, 0.31],
+        }
+    return build_report(
+        task="t",
+        teacher_accuracy=0.97,
+        student_initial_accuracy=0.1,
+        seconds=1.0,
+        runs=runs,
+        settings={"warmup_steps": 4},
+        rollout_diagnostics={"teacher": {"teacher_entropy": 0.006}},
+        continuation_probe=probe,
+    )
+
+
+def _series(ax) -> list:
+    """The data series of an axis: its lines and filled bands (the warmup's shading is a patch, not a series)."""
+    return [*ax.get_lines(), *ax.collections]
+
+
+def _visible_integer_ticks(ax) -> list[float]:
+    low, high = ax.get_xlim()
+    ticks = [tick for tick in ax.get_xticks() if low <= tick <= high]
+    assert len(ticks) >= 2 and all(float(tick).is_integer() for tick in ticks), (ax.get_title(), ticks)
+    return ticks
+
+
+def test_report_figure_puts_one_quantity_with_its_unit_on_each_axis():
+    report = _full_report()
+    figure = report_figure(report, metric="exact-match accuracy (greedy)")
+    axes = figure.axes
+    # accuracy, one panel per method metric (7), teacher entropy, continuation probe
+    assert len(axes) == 10 and all(ax.axison for ax in axes)
+    quantities = {}
+    for ax in axes:
+        ylabel, xlabel = ax.get_ylabel(), ax.get_xlabel()
+        unit = re.fullmatch(r".+ \(([^()]+)\)", ylabel)
+        assert unit and unit.group(1) in UNITS, f"{ax.get_title()!r}: y label {ylabel!r} names no unit"
+        assert xlabel, f"{ax.get_title()!r} has no x label"
+        # Every series on the axis is tagged with the quantity it plots: one per axis, the one the label names.
+        tags = {series.get_gid() for series in _series(ax)}
+        assert len(tags) == 1 and None not in tags, (ax.get_title(), tags)
+        (tag,) = tags
+        assert QUANTITIES[tag].ylabel == ylabel and tag not in quantities, tag
+        quantities[tag] = ax
+        _visible_integer_ticks(ax)
+        if unit.group(1) == "fraction":
+            assert all(0.0 <= y <= 1.0 for line in ax.get_lines() for y in line.get_ydata()), ax.get_title()
+    assert set(quantities) == {
+        "accuracy",
+        "trb/epsilon",
+        "trb/beta/mean",
+        "skd/replacement_rate",
+        "rollout/temperature",
+        "veto/beta",
+        "tropd/prefix_max_length",
+        "tropd/trust_fraction",
+        "rollout/teacher_entropy",
+        "continuation_probe",
+    }
+    # Every metric a method logs has its quantity, so no demo run draws a panel labelled "(as logged)".
+    assert {name for spec in METHODS.values() for name in spec.metrics} <= set(quantities)
+    for tag, ax in quantities.items():
+        if tag != "continuation_probe":
+            assert ax.get_xlabel().startswith("optimizer step"), tag  # every step axis says so
+    # What each axis shows is that quantity's values: the budget panel holds TRB's and fixed-ε's ε, nothing else.
+    epsilon = {line.get_label(): list(line.get_ydata()) for line in quantities["trb/epsilon"].get_lines()}
+    assert epsilon == {
+        "TRB": pytest.approx(report["methods"]["trb"]["metrics"]["trb/epsilon"]),
+        "fixed-ε": pytest.approx([0.2] * STEPS),
+    }
+    beta = {line.get_label(): list(line.get_xdata()) for line in quantities["trb/beta/mean"].get_lines()}
+    assert beta == {"TRB": [0, 1, 2, 3], "fixed-ε": list(range(STEPS))}  # β* is drawn only where it was logged
+    assert quantities["trb/epsilon"].get_ylabel() == r"$\varepsilon_k$ (nats per token)"
+    assert quantities["rollout/teacher_entropy"].get_ylabel() == "teacher entropy (nats per token)"
+    assert quantities["accuracy"].get_ylabel() == "held-out exact-match accuracy (fraction)"
+    # Every per-step panel spans the whole run, also where its metric stops early (TRB's β* after K).
+    step_axes = [ax for tag, ax in quantities.items() if tag not in ("accuracy", "continuation_probe")]
+    (span,) = {ax.get_xlim() for ax in step_axes}
+    assert span[0] <= 0 and span[1] >= STEPS - 1
+
+
+def test_report_figure_without_probes_or_method_metrics():
+    """Vanilla OPD alone: one axis, accuracy, labelled with its unit, integer steps; nothing left unlabelled."""
+    runs = {"opd": [RunResult(steps=[0, 1, 2], accuracy=[0.1, 0.2, 0.3])]}
+    report = build_report(task="t", teacher_accuracy=0.9, student_initial_accuracy=0.1, seconds=1.0, runs=runs)
+    (ax,) = report_figure(report).axes
+    assert ax.get_ylabel() == "held-out exact-match accuracy (fraction)" and ax.get_xlabel() == "optimizer step"
+    assert _visible_integer_ticks(ax) == [0, 1, 2]
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # `trb-trl demo` end to end with the expensive parts stubbed: missing optional dependencies, report.json before
 # report.png, and the run settings in report.json.
 
@@ -368,6 +498,63 @@ def test_demo_writes_report_json_before_the_plot(monkeypatch, tmp_path, capsys):
     report = json.loads((output_dir / "report.json").read_text())
     assert set(report) == RUN_REPORT_KEYS and not (output_dir / "report.png").exists()
     assert "vanilla OPD" in capsys.readouterr().out  # the summary table was printed before the plot
+
+
+def test_step0_lines_say_what_they_measure_and_on_which_problems():
+    """The console's step-0 figures: the held-out evaluation and the rollout accuracies on the whole evaluation set,
+    the probes on its first problems; each line names its problem set, so two accuracies of the same student that
+    differ (512 vs 256 problems) say why."""
+    settings = _settings()  # rollouts and evaluation both sample at temperature 1
+    heldout = runner.describe_heldout("machine", runner.metric_name(1.0), 512, teacher=0.979, student=0.107)
+    assert heldout == (
+        "task machine: step-0 exact-match accuracy (pass@1, one sample at temperature 1) on the 512-problem "
+        "evaluation set (the curves' step 0): teacher 0.979, student 0.107"
+    )
+    accuracy = {"student": 0.107, "trb": 0.383, "teacher": 0.979}
+    rollouts = runner.describe_rollout_accuracy(accuracy, settings, 512)
+    assert rollouts.startswith("step-0 rollouts at the training temperature 1, exact-match accuracy on the same 512 ")
+    assert "student 0.107, TRB blend at epsilon_0=0.2 0.383, teacher 0.979" in rollouts
+    assert rollouts.endswith("(student and teacher: the evaluation above, which samples at this temperature too)")
+    greedy = runner.describe_rollout_accuracy(accuracy, replace(settings, eval_temperature=0.0), 512)
+    assert "evaluation above" not in greedy  # a greedy evaluation is another measurement
+    entry = {"accuracy": 0.109, "derailed_token_fraction": 0.6, "teacher_entropy": 0.099}
+    entry |= {"teacher_entropy_on_track": 0.006, "teacher_entropy_derailed": 0.16}
+    lines = runner.describe_diagnostics({"student": entry}, problems=256, eval_size=512).splitlines()
+    assert lines[0] == (
+        "step-0 probes on a 256-problem probe set (the first 256 of the 512 evaluation problems), one rollout each "
+        "at the training temperature:"
+    )
+    assert lines[2] == (
+        "  student: 0.099 (0.006 | 0.160), 60% of tokens derailed, accuracy 0.109 on these 256 problems"
+    )
+    same = runner.describe_diagnostics({"student": entry}, problems=256, eval_size=256)
+    assert same.startswith("step-0 probes on the same 256 evaluation problems,")
+
+
+def test_demo_prints_the_problem_set_of_each_step0_figure(monkeypatch, tmp_path, capsys):
+    """End to end (stubbed): the probes run on the first PROBE_PROBLEMS evaluation problems, and the printed lines
+    name the sets the code measured on."""
+    _stub_expensive_parts(monkeypatch)
+    probed = []
+
+    def rollout_diagnostics(teacher, student, tokenizer, problems, **kwargs):
+        probed.append(len(problems))
+        entry = {"accuracy": 0.25, "derailed_token_fraction": 0.5, "teacher_entropy": 0.1}
+        return {"student": entry | {"teacher_entropy_on_track": 0.0, "teacher_entropy_derailed": 0.2}}
+
+    monkeypatch.setattr(runner, "rollout_diagnostics", rollout_diagnostics)
+    monkeypatch.setattr(runner, "PROBE_PROBLEMS", 4)
+    assert runner.main([*SMALL_RUN, "--methods", "opd", "--output-dir", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert probed == [4]
+    heldout = next(line for line in printed if line.startswith("task machine: step-0 "))
+    assert "on the 8-problem evaluation set (the curves' step 0)" in heldout
+    rollouts = next(line for line in printed if line.startswith("step-0 rollouts"))
+    assert "on the same 8 problems: student 0.200, TRB blend at epsilon_0=0.1 0.400, teacher 0.900" in rollouts
+    assert "step-0 probes on a 4-problem probe set (the first 4 of the 8 evaluation problems)" in " ".join(printed)
+    assert any(line.endswith("accuracy 0.250 on these 4 problems") for line in printed)
+    summary = next(line for line in printed if line.startswith("step-0 accuracy on 8 held-out problems: teacher"))
+    assert summary.split("teacher ")[1].startswith(heldout.split("teacher ")[1].split(",")[0])  # the same figures
 
 
 def test_report_json_records_the_run_settings(monkeypatch, tmp_path, capsys):

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from trb_trl.cli import main as cli_main
-from trb_trl.evaluation.compare import collect_curves, compare_runs, markdown_table, run_labels
+from trb_trl.evaluation.compare import collect_curves, compare_runs, curves_figure, markdown_table, run_labels
 
 
 def write_json(path, data):
@@ -74,7 +74,8 @@ def test_table_png_and_json(runs, tmp_path):
     a, b = runs
     data = compare_runs([a, b], tmp_path / "cmp")
     table = (tmp_path / "cmp" / "comparison.md").read_text().splitlines()
-    assert table[0] == "| Run | Source | Best step | Mean | math500 | aime24 | Last step | Last mean |"
+    header = "| Run | Source | Best step | Mean (%) | math500 (%) | aime24 (%) | Last step | Last mean (%) |"
+    assert table[0] == header
     assert table[2:] == [
         "| a/run | in-training eval | 20 | 30.0 | 50.0 | 10.0 | 40 | 28.0 |",
         "| a/run | checkpoint eval | 20 | 32.0 | 52.0 | 12.0 | 40 | 30.5 |",
@@ -106,3 +107,44 @@ def test_mean_computed_when_not_logged(tmp_path):
     (curve,) = collect_curves([run])
     assert curve.points[5] == {"math500": 0.2, "gsm8k": 0.6, "mean": pytest.approx(0.4)}
     assert "| run | in-training eval | 5 | 40.0 | 20.0 | 60.0 | 5 | 40.0 |" in markdown_table([curve])
+
+
+def _panels(figure):
+    return {ax.get_title(): ax for ax in figure.axes if ax.axison}
+
+
+def _lines(ax):
+    return {line.get_label(): line for line in ax.get_lines()}
+
+
+def test_figure_axes_say_what_they_plot_in_the_unit_they_name(runs, tmp_path):
+    """Every panel: y is pass@1 in percent, labelled so, and the points are the table's percentages (not fractions);
+    x is the optimizer step, labelled so, with integer ticks only."""
+    a, b = runs
+    curves = collect_curves([a, b])
+    panels = _panels(curves_figure(curves))
+    assert list(panels) == ["suite mean", "math500", "aime24"]
+    for ax in panels.values():
+        assert ax.get_ylabel() == "pass@1 (%)" and ax.get_xlabel() == "optimizer step"
+        ticks = ax.get_xticks()
+        assert len(ticks) >= 2 and all(float(tick).is_integer() for tick in ticks), ticks
+    training = _lines(panels["math500"])["a/run (in-training eval)"]
+    assert list(training.get_xdata()) == [0, 20, 40]
+    assert list(training.get_ydata()) == pytest.approx([40.0, 50.0, 48.0])  # 0.40, 0.50, 0.48 as percentages
+    checkpoints = _lines(panels["suite mean"])["a/run (checkpoint eval)"]
+    assert list(checkpoints.get_ydata()) == pytest.approx([32.0, 30.5])  # the table's "Mean (%)" and "Last mean (%)"
+    for ax in panels.values():
+        for line in ax.get_lines():
+            assert all(0.0 <= value <= 100.0 for value in line.get_ydata())
+    assert any(value > 1.0 for ax in panels.values() for line in ax.get_lines() for value in line.get_ydata())
+
+
+def test_short_runs_get_integer_step_ticks(tmp_path):
+    """Evaluations at steps 0, 1 and 2: matplotlib's default locator would put ticks at 0.25-step intervals."""
+    run = tmp_path / "short"
+    evaluations = [{"step": step, "benchmarks": {"gsm8k": {"pass@1": 0.1 * step}}} for step in (0, 1, 2)]
+    write_json(run / "math_eval.json", {"evaluations": evaluations})
+    for ax in _panels(curves_figure(collect_curves([run]))).values():
+        ticks = [tick for tick in ax.get_xticks() if ax.get_xlim()[0] <= tick <= ax.get_xlim()[1]]
+        assert ticks == [0, 1, 2]
+        assert list(ax.get_lines()[0].get_ydata()) == pytest.approx([0.0, 10.0, 20.0])

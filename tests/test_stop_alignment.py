@@ -123,7 +123,10 @@ def test_the_replacement_is_scoped_to_the_block():
     import trl.trainer.distillation_trainer as module
 
     original = module._chunked_divergence_loss
-    with divergence_function_replaced(stop_aligned_divergence_loss):
-        assert module._chunked_divergence_loss is stop_aligned_divergence_loss
+    calls = []
+    with divergence_function_replaced(lambda **kwargs: calls.append(kwargs)):
+        assert module._chunked_divergence_loss is not original
+        module._chunked_divergence_loss(*range(6), temperature=0.5)  # as TRL calls it
     assert module._chunked_divergence_loss is original
+    assert calls[0]["completion_mask"] == 4 and calls[0]["temperature"] == 0.5
     assert "_chunked_divergence_loss" in DistillationTrainer._compute_loss.__code__.co_names

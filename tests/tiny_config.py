@@ -1,6 +1,11 @@
 """The training arguments of the tiny CPU runs in the tests: a few short steps, no saving, no reporting."""
 
 from trb_trl import TRBDistillConfig
+from trb_trl._compat import HAS_ACTIVATION_CHECKPOINTING
+
+
+# TRL's own configs take only the spelling the installed transformers has.
+CHECKPOINTING = "activation_checkpointing" if HAS_ACTIVATION_CHECKPOINTING else "gradient_checkpointing"
 
 
 def tiny_run_args(output_dir, config_class=TRBDistillConfig, **overrides):
@@ -15,8 +20,8 @@ def tiny_run_args(output_dir, config_class=TRBDistillConfig, **overrides):
         use_cpu=True,
         bf16=False,
         save_strategy="no",
-        gradient_checkpointing=False,
         seed=0,
+        **{CHECKPOINTING: False},
     )
     if config_class is TRBDistillConfig:
         defaults.update(trb_epsilon=0.05, trb_warmup_steps=2)

@@ -7,14 +7,20 @@ trb-trl train recipes/tiny_cpu.yaml --num_processes 1      # so can the launcher
 trb-trl sweep recipes/qwen3_1p7b.yaml --output-dir sweeps/qwen3_1p7b --methods trb,skd   # the paper's grid as recipes
 ```
 
-This module imports only the standard library at the top, so `trb-trl --help` answers at once; TRL, torch and
-accelerate are imported by the command that needs them.
+This module imports only the standard library (and the package's own light modules) at the top, so `trb-trl --help`
+answers at once; TRL, torch and accelerate are imported by the command that needs them. `trb-trl train --help` and the
+mistakes a recipe or command line can make in its keys (an unknown key, a value outside an option's choices, a
+`report_to` backend that is not installed) are answered from the option schema shipped with the package
+(`trb_trl/config_schema.json`, see `trb_trl.config_schema`), in about a second, before TRL is imported.
 """
 
 import argparse
 import subprocess
 import sys
 from pathlib import Path
+
+from trb_trl import config_schema, recipe_check
+from trb_trl.report_to import check_report_to
 
 
 PROG = "trb-trl"
@@ -170,7 +176,7 @@ def plan_launch(parser, argv: list[str]) -> tuple[list[str], list[str]]:
     if recipe is not None and not recipe.is_file():
         raise UsageError(f"recipe not found: {recipe}")
     try:
-        *_, config_remaining, cli_remaining = parser.parse_args_and_config(
+        _, training_args, *_, config_remaining, cli_remaining = parser.parse_args_and_config(
             argv, return_remaining_strings=True, separate_remaining_strings=True
         )
     except (ValueError, yaml.YAMLError) as error:  # e.g. from the config dataclasses' `__post_init__`
@@ -181,6 +187,8 @@ def plan_launch(parser, argv: list[str]) -> tuple[list[str], list[str]]:
     recipe_config, config_remaining = _pop_option(config_remaining, ACCELERATE_CONFIG_OPTION)
     cli_config, cli_remaining = _pop_option(cli_remaining, ACCELERATE_CONFIG_OPTION)
     actions = _launcher_actions()
+    _check_unknown_keys(parser, actions, config_remaining, cli_remaining, recipe)
+    _check_report_to(training_args.report_to)
     launch_args = [*_recipe_launch_args(config_remaining, actions), *cli_remaining]
     if cli_config is not None:
         config_file = find_accelerate_config(cli_config, recipe_dir, from_command_line=True)
@@ -190,14 +198,32 @@ def plan_launch(parser, argv: list[str]) -> tuple[list[str], list[str]]:
         config_file = None
     if config_file is not None:
         launch_args = ["--config_file", str(config_file), *launch_args]
-
-    unknown = [arg for arg in launch_args if arg.startswith("--") and arg.split("=", 1)[0] not in actions]
-    if unknown:
-        raise UsageError(
-            f"unrecognized arguments: {' '.join(unknown)} (neither a training argument nor an "
-            "`accelerate launch` option; see `trb-trl train --help`)"
-        )
     return launch_args, script_args
+
+
+def _check_unknown_keys(parser, actions: dict, config_remaining: list[str], cli_remaining: list[str], recipe) -> None:
+    """Recipe keys and command-line options that neither the training script nor `accelerate launch` knows, named with
+    the closest valid name (the live parser's version of `recipe_check.check_train_command`'s check)."""
+    script_options = {option for action in parser._actions for option in action.option_strings}
+    dests = [action.dest for action in parser._actions if action.dest != "help"]
+    valid_keys = recipe_check.recipe_key_names(dests, actions)
+    unknown_keys = [key[2:] for key in config_remaining[::2] if key[2:] not in valid_keys]
+    if unknown_keys:
+        raise UsageError(recipe_check.unknown_keys_message(unknown_keys, valid_keys, recipe=recipe))
+    unknown_options = [arg.split("=", 1)[0] for arg in cli_remaining if recipe_check.looks_like_option(arg)]
+    unknown_options = [option for option in unknown_options if option not in actions]
+    if unknown_options:
+        valid = [*script_options, *actions, ACCELERATE_CONFIG_OPTION]
+        raise UsageError(recipe_check.unknown_keys_message(unknown_options, valid))
+
+
+def _check_report_to(report_to) -> None:
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    try:
+        check_report_to(report_to, INTEGRATION_TO_CALLBACK)
+    except ValueError as error:
+        raise UsageError(error) from error
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -273,28 +299,55 @@ Every training option below can be a recipe key (`trb_epsilon: 0.01`) or a comma
 """
 
 
-def _train_parser(argv: list[str] | None = None):
-    from trb_trl.scripts import trb_distill
+class _TrainHelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
 
-    class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-        pass
 
-    argv = list(argv or [])
-    if argv and not argv[0].startswith("-"):
-        argv = ["--config", *argv]
-    parser = trb_distill.make_parser(prog=f"{PROG} train", trainer=trb_distill.trainer_name(argv))
-    shipped = ", ".join(_shipped_config_names())
+def _as_train_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """`parser` (the live one or the schema's) with `trb-trl train`'s usage, description and help layout."""
+    parser.prog = f"{PROG} train"
     parser.usage = TRAIN_USAGE
-    parser.description = TRAIN_DESCRIPTION.format(shipped=shipped)
-    parser.formatter_class = HelpFormatter
+    parser.description = TRAIN_DESCRIPTION.format(shipped=", ".join(_shipped_config_names()))
+    parser.formatter_class = _TrainHelpFormatter
+    parser.allow_abbrev = False  # `--trb_epsilo` is a typo to report, not `--trb_epsilon`
     for group in parser._action_groups:
         if group.title == "options":
             group.title = "training options"
     return parser
 
 
+def _train_parser(argv: list[str] | None = None):
+    """The training script's live parser (imports TRL), for `trb-trl train`."""
+    from trb_trl.scripts import trb_distill
+
+    argv = list(argv or [])
+    if argv and not argv[0].startswith("-"):
+        argv = ["--config", *argv]
+    return _as_train_parser(trb_distill.make_parser(trainer=trb_distill.trainer_name(argv)))
+
+
+def schema_help_parser(command: recipe_check.TrainCommand, schema: dict) -> argparse.ArgumentParser:
+    """A parser that prints what the live `_train_parser` prints for `--help` (recipe values shown as the defaults),
+    built from the shipped option schema without importing TRL."""
+    trainer = recipe_check.checked_trainer(command, schema)
+    return _as_train_parser(config_schema.help_parser(schema, trainer, command.config))
+
+
 def train(argv: list[str]) -> int:
-    """Parse a recipe (plus overrides) and launch `trb_trl/scripts/trb_distill.py` with `accelerate launch`."""
+    """Parse a recipe (plus overrides) and launch `trb_trl/scripts/trb_distill.py` with `accelerate launch`.
+
+    `--help` and the mistakes the option schema can see are answered first, without importing TRL (see
+    `recipe_check.check_train_command`); the live parser then runs the config classes' own checks before the launch.
+    """
+    try:
+        command = recipe_check.read_train_command(argv)
+        schema = config_schema.load_schema()
+        if command.wants_help:
+            schema_help_parser(command, schema).print_help()
+            return 0
+        recipe_check.check_train_command(command, schema)
+    except ValueError as error:
+        return _error(error)
     try:
         parser = _train_parser(argv)  # imports TRL: fails with a clear message outside the tested TRL range
     except (ImportError, ValueError) as error:

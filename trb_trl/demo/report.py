@@ -11,16 +11,49 @@ from statistics import mean
 from .methods import METHOD_COLORS, METHOD_LABELS
 
 
-# How the per-step metrics of the methods are named in the plot's legend.
-METRIC_LABELS = {
-    "trb/epsilon": "budget ε_k (nats)",
-    "trb/beta/mean": "mean β*",
-    "skd/replacement_rate": "replacement rate",
-    "rollout/temperature": "rollout temperature",
-    "veto/beta": "Veto β",
-}
+@dataclass(frozen=True)
+class Quantity:
+    """What one axis of the report plots: the panel's title and the y-axis label, which ends with its unit in
+    parentheses. An axis holds one quantity; every series drawn on it carries the quantity's key as its `gid`."""
+
+    title: str
+    ylabel: str
+
+
+ACCURACY = "accuracy"
 # Drawn in its own panel, for every method: the teacher's mean per-token entropy on the rollouts trained on.
 TEACHER_ENTROPY = "rollout/teacher_entropy"
+PROBE = "continuation_probe"
+# Every quantity the report plots. The per-step metrics of the methods (`DemoMethod.metrics`) get one small panel
+# each, in this order; a metric missing here gets a panel titled with its name and labelled "(as logged)".
+QUANTITIES = {
+    ACCURACY: Quantity("Student {metric}\nmean and min-max over seeds", "held-out exact-match accuracy (fraction)"),
+    "trb/epsilon": Quantity(r"Trust-region budget $\varepsilon_k$", r"$\varepsilon_k$ (nats per token)"),
+    "trb/beta/mean": Quantity(
+        "Blend weight $\\beta^*$, mean over tokens\n(0 = student, 1 = teacher)", r"$\beta^*$ (unitless)"
+    ),
+    "skd/replacement_rate": Quantity("SKD: student tokens replaced\nby the teacher's", "tokens replaced (fraction)"),
+    "rollout/temperature": Quantity("Rollout temperature", "temperature (unitless)"),
+    "veto/beta": Quantity(r"Veto: $\beta$ of the target $\pi_T \, \pi_S^\beta$", r"$\beta$ (unitless)"),
+    "tropd/prefix_max_length": Quantity("TrOPD: longest teacher prefix allowed", "prefix length (tokens)"),
+    "tropd/trust_fraction": Quantity("TrOPD: tokens in the trust region", "tokens (fraction)"),
+    TEACHER_ENTROPY: Quantity(
+        "Teacher's entropy on the rollouts trained on (paper's Fig. 3)\nmean over seeds",
+        "teacher entropy (nats per token)",
+    ),
+    PROBE: Quantity(
+        "Continuation probe at step 0 (paper's Fig. 4)\nthe same {problems} held-out problems in every series",
+        "share of the probe's problems (fraction)",
+    ),
+}
+STEP_LABEL = "optimizer step"
+WIDTHS = [4, 3]  # of the figure's left (accuracy, teacher entropy) and right (per-step panels, probe) columns
+ROLLOUT_STEP_LABEL = "optimizer step k of the rollout"
+
+
+def quantity(name: str) -> Quantity:
+    """The title and y label of a plotted quantity (a metric the report does not know is labelled as logged)."""
+    return QUANTITIES.get(name, Quantity(name, f"{name} (as logged)"))
 
 
 @dataclass
@@ -143,11 +176,13 @@ def summary_table(report: dict, *, warmup_steps: int | None = None, metric: str 
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]
     lines.insert(1, "  ".join("-" * width for width in widths))
+    eval_size = report.get("settings", {}).get("eval_size")
+    on = f" on {eval_size} held-out problems" if eval_size else ""
     intro = (
         f"task: {report['task']}\n"
-        f"teacher accuracy {report['teacher_accuracy']:.3f}, student initial accuracy "
-        f"{report['student_initial_accuracy']:.3f}, {report['seconds']:.0f} s in all\n"
-        f"held-out {metric}, mean [min-max] over seeds:"
+        f"step-0 accuracy{on}: teacher {report['teacher_accuracy']:.3f}, student "
+        f"{report['student_initial_accuracy']:.3f}; {report['seconds']:.0f} s in all\n"
+        f"held-out {metric}{on}, mean [min-max] over seeds:"
     )
     for entry in report["methods"].values():
         if entry.get("config", {}).get("sft_warmup_steps"):
@@ -158,146 +193,191 @@ def summary_table(report: dict, *, warmup_steps: int | None = None, metric: str 
     return intro + "\n" + "\n".join(lines)
 
 
-def plot_report(report: dict, path: str | Path, *, metric: str = "exact-match accuracy") -> None:
-    """Accuracy vs step per method (mean line, min-max band over seeds, teacher and student start as dashed lines, the
-    warmup shaded) and what each method did per step (TRB's and fixed-ε's budget and mean β*, SKD's replacement rate,
-    the rollout temperature, Veto's β), in the method's colour; when the report has them, a second row with the
-    teacher's entropy on each method's rollouts over training (Fig. 3 of the paper) and the continuation probe
-    (Fig. 4)."""
-    import matplotlib
+def _label(method: str, entry: dict) -> str:
+    return entry.get("label", METHOD_LABELS.get(method, method))
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def _method_metric_series(report: dict) -> dict[str, list[tuple[str, dict, list[tuple[int, float]]]]]:
+    """Per logged method metric (every one but the teacher's entropy, which has its own panel): the (method, entry,
+    points) of each method that logged it, points being (rollout step k, mean over seeds). Known quantities first, in
+    `QUANTITIES` order."""
+    series = {}
+    for method, entry in report["methods"].items():
+        for name, values in entry.get("metrics", {}).items():
+            points = [(k, v) for k, v in enumerate(values) if v is not None]
+            if name != TEACHER_ENTROPY and points:
+                series.setdefault(name, []).append((method, entry, points))
+    order = list(QUANTITIES)
+    return dict(sorted(series.items(), key=lambda item: order.index(item[0]) if item[0] in order else len(order)))
+
+
+def _has_probe(report: dict) -> bool:
+    probe = report.get(PROBE)
+    return bool(probe and probe.get("lengths") and probe.get("prefixes"))
+
+
+def _has_teacher_entropy(report: dict) -> bool:
+    return any(
+        any(v is not None for v in entry.get("metrics", {}).get(TEACHER_ENTROPY, []))
+        for entry in report["methods"].values()
+    )
+
+
+def _rollout_steps(report: dict) -> int:
+    """How many rollout steps the per-step metrics cover (the run's optimizer steps)."""
+    return max(
+        (len(values) for entry in report["methods"].values() for values in entry.get("metrics", {}).values()),
+        default=0,
+    )
+
+
+def _finish_axis(
+    ax, name: str, xlabel: str, *, fontsize: int = 10, last_step: int | None = None, **title_fields
+) -> None:
+    """The title and y label of quantity `name`, the x label, integer x ticks (over 0..`last_step` if given: every
+    per-step panel spans the whole run, also where a metric stops being logged), a grid."""
     from matplotlib.ticker import MaxNLocator
 
-    probes = any(TEACHER_ENTROPY in entry.get("metrics", {}) for entry in report["methods"].values()) or (
-        "continuation_probe" in report
-    )
-    rows = 2 if probes else 1
-    fig, axes = plt.subplots(rows, 2, figsize=(13, 5 * rows), gridspec_kw={"width_ratios": [3, 2]}, squeeze=False)
-    left, right = axes[0]
+    if last_step is not None:
+        pad = max(0.5, 0.03 * last_step)
+        ax.set_xlim(-pad, last_step + pad)
+    ax.set_title(quantity(name).title.format(**title_fields), fontsize=fontsize)
+    ax.set_ylabel(quantity(name).ylabel, fontsize=fontsize - 1)
+    ax.set_xlabel(xlabel, fontsize=fontsize - 1)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+
+
+def report_figure(report: dict, *, metric: str = "exact-match accuracy"):
+    """The report's matplotlib `Figure`. Top left: accuracy against the optimizer step per method (mean line, min-max
+    band over seeds, teacher and student start as dashed lines, the warmup shaded). Top right: what each method did
+    per step, one small panel per quantity (TRB's and fixed-ε's budget ε_k and mean β*, SKD's replacement rate, the
+    rollout temperature, Veto's β, TrOPD's prefix length and trust fraction), in the methods' colours. When the report
+    has them, a second row: the teacher's entropy on each method's rollouts over training (Fig. 3 of the paper) and
+    the continuation probe (Fig. 4). One quantity per axis, its unit in the y label; integer ticks on every step
+    axis."""
+    from matplotlib.figure import Figure
+
+    per_step = _method_metric_series(report)
+    bottom = [name for name, shown in ((TEACHER_ENTROPY, _has_teacher_entropy), (PROBE, _has_probe)) if shown(report)]
+    small_columns = 2 if len(per_step) > 1 else 1
+    small_rows = -(-len(per_step) // small_columns)
+    top_height = max(5.0, 2.5 * small_rows)
+    heights = [top_height, 5.0] if bottom else [top_height]
+    fig = Figure(figsize=(16, sum(heights)), layout="constrained")
+    rows = fig.subfigures(len(heights), 1, height_ratios=heights, squeeze=False)[:, 0]
+    top = rows[0].subfigures(1, 2, width_ratios=WIDTHS, squeeze=False)[0] if per_step else [rows[0]]
+
+    _plot_accuracy(top[0].subplots(), report, metric)
+    if per_step:
+        top[1].suptitle("What each method does per step (mean over seeds)", fontsize=10)
+        grid = top[1].add_gridspec(small_rows, small_columns)
+        for index, (name, series) in enumerate(per_step.items()):
+            ax = top[1].add_subplot(grid[index // small_columns, index % small_columns])
+            for method, entry, points in series:
+                ax.plot(
+                    *zip(*points), color=METHOD_COLORS.get(method), label=_label(method, entry), linewidth=2, gid=name
+                )
+            highest = max(value for _, _, points in series for _, value in points)
+            ax.set_ylim(0, 1.08 * highest if highest > 0 else 1.0)  # from 0, with room above a flat line at the top
+            ax.legend(loc="best", fontsize=7)
+            _finish_axis(ax, name, ROLLOUT_STEP_LABEL, fontsize=9, last_step=_rollout_steps(report) - 1)
+    if bottom:
+        axes = rows[1].subplots(1, 2, width_ratios=WIDTHS, squeeze=False)[0]
+        for ax, name in zip(axes, bottom):
+            (_plot_teacher_entropy if name == TEACHER_ENTROPY else _plot_continuation_probe)(ax, report)
+        for ax in axes[len(bottom) :]:
+            ax.remove()
+    fig.suptitle(report["task"], fontsize=9)
+    return fig
+
+
+def plot_report(report: dict, path: str | Path, *, metric: str = "exact-match accuracy") -> None:
+    """Save [`report_figure`] as a PNG at `path`."""
+    report_figure(report, metric=metric).savefig(path, dpi=120)
+
+
+def _plot_accuracy(ax, report: dict, metric: str) -> None:
+    """Held-out accuracy per method against the optimizer step: the mean over seeds and the min-max band, the teacher
+    and the student at step 0 as horizontal lines, TRB's (and the other warmups') K shaded."""
     for method, entry in report["methods"].items():
         steps = entry["steps"]
         per_step = list(zip(*entry["accuracy"]))
         color = METHOD_COLORS.get(method)
         seeds = len(entry["accuracy"])
-        label = f"{entry.get('label', METHOD_LABELS.get(method, method))} ({seeds} seed{'s' if seeds > 1 else ''}"
+        label = f"{_label(method, entry)} ({seeds} seed{'s' if seeds > 1 else ''}"
         sft_steps = entry.get("config", {}).get("sft_warmup_steps")
         label += f"; step 0 after {sft_steps} SFT steps)" if sft_steps else ")"
-        left.plot(steps, [mean(v) for v in per_step], color=color, label=label, linewidth=2)
-        left.fill_between(steps, [min(v) for v in per_step], [max(v) for v in per_step], color=color, alpha=0.15)
-    left.axhline(report["teacher_accuracy"], color="black", linestyle="--", linewidth=1, label="teacher")
-    left.axhline(
-        report["student_initial_accuracy"], color="gray", linestyle=":", linewidth=1, label="student at step 0"
+        ax.plot(steps, [mean(v) for v in per_step], color=color, label=label, linewidth=2, gid=ACCURACY)
+        ax.fill_between(
+            steps, [min(v) for v in per_step], [max(v) for v in per_step], color=color, alpha=0.15, gid=ACCURACY
+        )
+    ax.axhline(report["teacher_accuracy"], color="black", linestyle="--", linewidth=1, label="teacher", gid=ACCURACY)
+    ax.axhline(
+        report["student_initial_accuracy"],
+        color="gray",
+        linestyle=":",
+        linewidth=1,
+        label="student at step 0",
+        gid=ACCURACY,
     )
     warmup_steps = report.get("settings", {}).get("warmup_steps")
     if warmup_steps and set(report["methods"]) & {"trb", "temperature", "sft_warmup"}:
-        left.axvspan(0, warmup_steps, color="tab:orange", alpha=0.06, label=f"warmup (K={warmup_steps} steps)")
-    left.set_xlabel("optimizer step")
-    left.set_ylabel("held-out exact-match accuracy")
-    left.set_ylim(-0.02, 1.02)
-    left.set_title(f"Student {metric}\nmean and min-max over seeds", fontsize=10)
-    left.legend(loc="lower right", fontsize=8)
-    left.grid(alpha=0.3)
-
-    styles = ["-", "--", ":", "-."]
-    drawn = False
-    for method, entry in report["methods"].items():
-        method_metrics = {name: values for name, values in entry.get("metrics", {}).items() if name != TEACHER_ENTROPY}
-        for index, (name, values) in enumerate(method_metrics.items()):
-            points = [(k, v) for k, v in enumerate(values) if v is not None]
-            if not points:
-                continue
-            label = f"{entry.get('label', METHOD_LABELS.get(method, method))}: {METRIC_LABELS.get(name, name)}"
-            right.plot(
-                *zip(*points),
-                color=METHOD_COLORS.get(method),
-                linestyle=styles[index % len(styles)],
-                label=label,
-                linewidth=2,
-            )
-            drawn = True
-    if drawn:
-        right.set_xlabel("optimizer step k of the rollout")
-        right.xaxis.set_major_locator(MaxNLocator(integer=True))
-        right.set_ylim(bottom=0)
-        right.legend(loc="best", fontsize=8)
-        right.set_title("What each method does per step\n(mean over seeds)", fontsize=10)
-        right.grid(alpha=0.3)
-    else:
-        right.axis("off")
-    if probes:
-        _plot_teacher_entropy(axes[1][0], report)
-        _plot_continuation_probe(axes[1][1], report)
-    fig.suptitle(report["task"], fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        ax.axvspan(0, warmup_steps, color="tab:orange", alpha=0.06, label=f"warmup (K={warmup_steps} steps)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(loc="lower right", fontsize=8)
+    _finish_axis(ax, ACCURACY, STEP_LABEL, metric=metric)
 
 
 def _plot_teacher_entropy(ax, report: dict) -> None:
     """The teacher's mean per-token entropy on the rollouts each method trained on, per step (mean over seeds), with
     the teacher's entropy on its own step-0 rollouts for reference."""
-    from matplotlib.ticker import MaxNLocator
-
     for method, entry in report["methods"].items():
         values = entry.get("metrics", {}).get(TEACHER_ENTROPY)
         points = [(k, v) for k, v in enumerate(values or []) if v is not None]
         if points:
-            label = entry.get("label", METHOD_LABELS.get(method, method))
-            ax.plot(*zip(*points), color=METHOD_COLORS.get(method), label=label, linewidth=2)
+            ax.plot(
+                *zip(*points),
+                color=METHOD_COLORS.get(method),
+                label=_label(method, entry),
+                linewidth=2,
+                gid=TEACHER_ENTROPY,
+            )
     own = report.get("rollout_diagnostics", {}).get("teacher", {}).get("teacher_entropy")
     if own is not None:
-        ax.axhline(own, color="black", linestyle="--", linewidth=1, label="on the teacher's own rollouts")
-    ax.set_xlabel("optimizer step k of the rollout")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("teacher entropy (nats per token)")
+        ax.axhline(
+            own, color="black", linestyle="--", linewidth=1, label="on the teacher's own rollouts", gid=TEACHER_ENTROPY
+        )
     ax.set_ylim(bottom=0)
-    ax.set_title("Teacher's entropy on the rollouts trained on (paper's Fig. 3)\nmean over seeds", fontsize=10)
     ax.legend(loc="best", fontsize=8)
-    ax.grid(alpha=0.3)
+    _finish_axis(ax, TEACHER_ENTROPY, ROLLOUT_STEP_LABEL, last_step=_rollout_steps(report) - 1)
 
 
 def _plot_continuation_probe(ax, report: dict) -> None:
-    """Fig. 4 at step 0: success of the teacher's and the student's continuations of the student's (vanilla OPD's)
-    and the TRB blend's rollouts truncated after t tokens, and the fraction of those prefixes still on track."""
-    probe = report.get("continuation_probe")
-    if not probe or not probe.get("lengths") or not probe.get("prefixes"):
-        ax.axis("off")
-        return
+    """Fig. 4 at step 0, as fractions of the probe's problems: how many of the student's (vanilla OPD's) and the TRB
+    blend's rollouts, truncated after t tokens, the teacher and the student complete correctly, and how many of those
+    t-token prefixes are still on track (which bounds what any continuation can complete)."""
+    probe = report[PROBE]
     colors = {"student": METHOD_COLORS.get("opd"), "trb": METHOD_COLORS.get("trb")}
     names = {"student": "student (OPD) prefixes", "trb": f"TRB prefixes (ε₀={probe['epsilon']:g})"}
     for source, entry in probe["prefixes"].items():
-        color = colors.get(source)
+        color, lengths = colors.get(source), probe["lengths"]
+        line = {"color": color, "gid": PROBE}
+        ax.plot(lengths, entry["teacher_continues"], marker="o", label=f"{names[source]}: teacher completes", **line)
         ax.plot(
-            probe["lengths"],
-            entry["teacher_continues"],
-            color=color,
-            marker="o",
-            label=f"{names[source]}, teacher continues",
-        )
-        ax.plot(
-            probe["lengths"],
+            lengths,
             entry["student_continues"],
-            color=color,
             marker="s",
             linestyle="--",
-            label=f"{names[source]}, student continues",
+            label=f"{names[source]}: student completes",
+            **line,
         )
         ax.plot(
-            probe["lengths"],
-            entry["on_track"],
-            color=color,
-            linestyle=":",
-            linewidth=1,
-            label=f"{names[source]}: prefix on track",
+            lengths, entry["on_track"], linestyle=":", linewidth=1, label=f"{names[source]}: still on track", **line
         )
-    ax.set_xlabel("prefix length t (tokens of the step-0 rollout kept)")
-    ax.set_ylabel("exact-match accuracy of the continuation")
     ax.set_ylim(-0.02, 1.02)
-    ax.set_title(f"Continuation probe at step 0 (paper's Fig. 4), {probe['problems']} held-out problems", fontsize=10)
     ax.legend(loc="best", fontsize=7)
-    ax.grid(alpha=0.3)
+    _finish_axis(ax, PROBE, "prefix length t (tokens of the step-0 rollout kept)", problems=probe["problems"])
 
 
 def write_report_json(report: dict, output_dir: str | Path) -> Path:

@@ -35,7 +35,7 @@ PROBE_PROBLEMS = 256
 
 # What `trb-trl demo` imports beyond the package's own dependencies, and the extra that installs it.
 DEMO_DEPENDENCIES = {"matplotlib": "trb-trl[demo]", "tqdm": "trb-trl[demo]"}
-REPORT_TO_DEPENDENCIES = {"wandb": "trb-trl[wandb]", "trackio": "trackio"}
+REPORT_TO_DEPENDENCIES = {"wandb": "wandb", "trackio": "trackio"}  # wandb is a core dependency; a broken install
 
 
 def check_optional_dependencies(report_to: list[str]) -> None:
@@ -322,7 +322,7 @@ def distillation_config(
         use_cpu=True,
         bf16=False,
         save_strategy="no",
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         disable_tqdm=True,
         dataloader_num_workers=0,
         **METHODS[method].fields(settings),
@@ -581,24 +581,18 @@ def _run(
         scored = {"temperature": settings.eval_temperature, "batch_size": task.eval_batch_size}
         teacher_accuracy = heldout_accuracy(teacher, tokenizer, eval_problems, **scored)
         student_accuracy = heldout_accuracy(student, tokenizer, eval_problems, **scored)
-        print(
-            f"task {task.name}: held-out accuracy ({eval_size} problems): teacher {teacher_accuracy:.3f}, "
-            f"student {student_accuracy:.3f}"
-        )
+        metric = metric_name(settings.eval_temperature)
+        print(describe_heldout(task.name, metric, eval_size, teacher=teacher_accuracy, student=student_accuracy))
         rollout_accuracy = step0_rollout_accuracy(
             teacher, student, tokenizer, eval_problems, settings, batch_size=task.eval_batch_size
         )
-        print(
-            f"step-0 rollouts (sampled at temperature {settings.temperature}): student "
-            f"{rollout_accuracy['student']:.3f}, TRB blend at epsilon_0={settings.epsilon} "
-            f"{rollout_accuracy['trb']:.3f}, teacher {rollout_accuracy['teacher']:.3f}"
-        )
+        print(describe_rollout_accuracy(rollout_accuracy, settings, eval_size))
         if teacher_accuracy < 0.9:
             print("warning: the teacher is below 90% accuracy; the comparison is less meaningful.")
         probe_problems = eval_problems[:PROBE_PROBLEMS]
         probe_settings = {"epsilon": settings.epsilon, "temperature": settings.temperature}
         diagnostics = rollout_diagnostics(teacher, student, tokenizer, probe_problems, **probe_settings)
-        print(describe_diagnostics(diagnostics))
+        print(describe_diagnostics(diagnostics, problems=len(probe_problems), eval_size=eval_size))
         probe = continuation_probe(
             teacher, student, tokenizer, probe_problems, lengths=list(task.defaults.probe_lengths), **probe_settings
         )
@@ -638,7 +632,7 @@ def _run(
                 args, settings, seeds, eval_size, methods, max_completion_length=eval_problems[0].completion_length
             ),
             environment=run_environment(),
-            metric=metric_name(settings.eval_temperature),
+            metric=metric,
             models_seconds=models_seconds,
             models_cached={"teacher": teacher_cached, "student": student_cached},
             step0_rollout_accuracy=rollout_accuracy,
@@ -666,18 +660,52 @@ def _run(
     return 0
 
 
-def describe_diagnostics(diagnostics: dict) -> str:
-    """One line per step-0 behaviour: how much of it is derailed, and the teacher's entropy there."""
+# The step-0 figures printed before training. Each says what it measures and on which problems: the held-out
+# evaluation (the curves' step 0) and the rollout accuracies use the whole evaluation set, the probes its first
+# `PROBE_PROBLEMS` problems, so the same model's step-0 accuracy can be printed twice with different values.
+
+
+def describe_heldout(task_name: str, metric: str, eval_size: int, *, teacher: float, student: float) -> str:
+    """The step-0 held-out evaluation: what the accuracy curves start from."""
+    return (
+        f"task {task_name}: step-0 {metric} on the {eval_size}-problem evaluation set (the curves' step 0): "
+        f"teacher {teacher:.3f}, student {student:.3f}"
+    )
+
+
+def describe_rollout_accuracy(accuracy: dict[str, float], settings: RunSettings, eval_size: int) -> str:
+    """How often step-0 rollouts (one per problem, at the training temperature) are right, on the evaluation set."""
+    line = (
+        f"step-0 rollouts at the training temperature {settings.temperature:g}, exact-match accuracy on the same "
+        f"{eval_size} problems: student {accuracy['student']:.3f}, TRB blend at epsilon_0={settings.epsilon:g} "
+        f"{accuracy['trb']:.3f}, teacher {accuracy['teacher']:.3f}"
+    )
+    if settings.eval_temperature == settings.temperature:
+        line += " (student and teacher: the evaluation above, which samples at this temperature too)"
+    return line
+
+
+def describe_diagnostics(diagnostics: dict, *, problems: int, eval_size: int) -> str:
+    """The step-0 probes on `problems` problems (the first of the `eval_size` evaluation problems): one line per
+    behaviour, how much of it is derailed, the teacher's entropy there, and its accuracy on those problems."""
 
     def fmt(value):
         return "-" if value is None else f"{value:.3f}"
 
-    lines = ["teacher entropy (nats/token) on step-0 rollouts, on prefixes still on track | derailed:"]
+    where = (
+        f"the same {problems} evaluation problems"
+        if problems == eval_size
+        else f"a {problems}-problem probe set (the first {problems} of the {eval_size} evaluation problems)"
+    )
+    lines = [
+        f"step-0 probes on {where}, one rollout each at the training temperature:",
+        "teacher entropy (nats/token) on the rollouts, on prefixes still on track | derailed:",
+    ]
     for name, entry in diagnostics.items():
         lines.append(
             f"  {name:>7}: {fmt(entry['teacher_entropy'])} ({fmt(entry['teacher_entropy_on_track'])} | "
             f"{fmt(entry['teacher_entropy_derailed'])}), {100 * entry['derailed_token_fraction']:.0f}% of tokens "
-            f"derailed, accuracy {entry['accuracy']:.3f}"
+            f"derailed, accuracy {entry['accuracy']:.3f} on these {problems} problems"
         )
     return "\n".join(lines)
 

@@ -30,7 +30,7 @@ Benchmarks (the paper's default n): {benchmarks}.
 Suites: {suites}.
 Or a local .jsonl/.json/.parquet/.csv file with `problem` and `answer` columns (default n {local_n}).
 
-With --compare, plot pass@1 against training step for several training runs (their in-training evaluations and
+With --compare, plot pass@1 against optimizer step for several training runs (their in-training evaluations and
 their evaluated checkpoints, RUN/checkpoint-STEP/eval/results.json) into OUTPUT_DIR/pass_at_1.png and
 OUTPUT_DIR/comparison.md.
 """

@@ -1,4 +1,4 @@
-"""Several training runs side by side: pass@1 against training step in one PNG, and a markdown table.
+"""Several training runs side by side: pass@1 (%) against the optimizer step in one PNG, and a markdown table.
 
 A run directory (a trainer's `output_dir`) has up to two kinds of evaluations, each read as one curve:
 
@@ -164,10 +164,25 @@ def _percent(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}"
 
 
+# The unit of every pass@1 figure this module shows: the results store fractions, the table and the plot percentages
+# (as the papers print them).
+PASS_AT_1_LABEL = "pass@1 (%)"
+STEP_LABEL = "optimizer step"
+
+
 def markdown_table(curves: list[Curve]) -> str:
-    """One row per curve: the best step by suite mean with its scores, then the last step and its mean (percent)."""
+    """One row per curve: the best step by suite mean with its scores, then the last step and its mean; every score
+    is pass@1 in percent, as the header says."""
     names = benchmark_names(curves)
-    header = ["Run", "Source", "Best step", "Mean", *names, "Last step", "Last mean"]
+    header = [
+        "Run",
+        "Source",
+        "Best step",
+        "Mean (%)",
+        *(f"{name} (%)" for name in names),
+        "Last step",
+        "Last mean (%)",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
     for curve in curves:
         best, last = curve.best_step(), curve.steps[-1]
@@ -185,23 +200,24 @@ def markdown_table(curves: list[Curve]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_curves(curves: list[Curve], path: Path) -> None:
-    """pass@1 (%) against step: the suite mean, then one panel per benchmark; one colour per run, solid lines for
-    in-training evaluations and dashed lines with dots for checkpoint evaluations."""
+def curves_figure(curves: list[Curve]):
+    """The comparison as a matplotlib `Figure`: pass@1 in percent against the optimizer step (integer ticks), the
+    suite mean, then one panel per benchmark; one colour per run, solid lines for in-training evaluations and dashed
+    lines with dots for checkpoint evaluations."""
     try:
         import matplotlib
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         raise ValueError('plotting runs needs matplotlib: pip install "trb-trl[demo]"') from None
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     panels = [MEAN, *benchmark_names(curves)]
     columns = min(3, len(panels))
     rows = -(-len(panels) // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.6 * rows), squeeze=False)
+    figure = Figure(figsize=(5 * columns, 3.6 * rows))
+    axes = figure.subplots(rows, columns, squeeze=False)
     runs = list(dict.fromkeys(curve.run for curve in curves))
-    colors = {run: plt.get_cmap("tab10")(index % 10) for index, run in enumerate(runs)}
+    colors = {run: matplotlib.colormaps["tab10"](index % 10) for index, run in enumerate(runs)}
     for ax, panel in zip(axes.flat, panels):
         for curve in curves:
             steps = [step for step in curve.steps if curve.points[step].get(panel) is not None]
@@ -218,16 +234,21 @@ def plot_curves(curves: list[Curve], path: Path) -> None:
                 **style,
             )
         ax.set_title("suite mean" if panel == MEAN else panel)
-        ax.set_xlabel("training step")
-        ax.set_ylabel("pass@1 (%)")
+        ax.set_xlabel(STEP_LABEL)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(PASS_AT_1_LABEL)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     figure.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3), frameon=False)
     figure.tight_layout(rect=(0, 0.06 * -(-len(labels) // 3) / rows, 1, 1))
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    return figure
+
+
+def plot_curves(curves: list[Curve], path: Path) -> None:
+    """Save [`curves_figure`] as a PNG at `path`."""
+    curves_figure(curves).savefig(path, dpi=120)
 
 
 PLOT_FILE = "pass_at_1.png"

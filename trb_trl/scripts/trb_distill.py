@@ -32,6 +32,7 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trb_trl import recipe_check
 from trb_trl._compat import (
     DatasetMixtureConfig,
     ModelConfig,
@@ -41,6 +42,8 @@ from trb_trl._compat import (
     get_peft_config,
     get_quantization_config,
 )
+from trb_trl.recipe_check import trainer_name  # noqa: F401  (the `trainer` a command line asks for; re-exported)
+from trb_trl.report_to import check_report_to
 from trb_trl.trb_distill_config import TRBDistillConfig
 
 
@@ -189,25 +192,6 @@ def load_datasets(script_args, training_args, model_args, dataset_args):
     return train_dataset, eval_dataset
 
 
-def trainer_name(argv: list[str]) -> str:
-    """The `trainer` a command line asks for: `--trainer X`, else the recipe's `trainer` key, else `"trb"`. Read first,
-    because it decides which config class parses every other option."""
-    for index, arg in enumerate(argv):
-        if arg == "--trainer" and index + 1 < len(argv):
-            return argv[index + 1]
-        if arg.startswith("--trainer="):
-            return arg.split("=", 1)[1]
-    recipe = argv[argv.index("--config") + 1] if "--config" in argv[:-1] else None
-    if recipe is not None and Path(recipe).is_file():
-        import yaml
-
-        with open(recipe) as file:
-            config = yaml.safe_load(file) or {}
-        if isinstance(config, dict) and config.get("trainer") is not None:
-            return str(config["trainer"])
-    return "trb"
-
-
 def config_class(name: str):
     """The config class of the named trainer."""
     if name == "tropd":
@@ -219,7 +203,36 @@ def config_class(name: str):
     raise ValueError(f"trainer must be 'trb' or 'tropd', got {name!r}.")
 
 
+def check_logging_backends(training_args) -> None:
+    """Every `report_to` backend is one transformers knows and its package is installed (a one-line `ValueError`
+    otherwise): checked before any dataset or model loads, rather than failing when the trainer is built."""
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    check_report_to(training_args.report_to, INTEGRATION_TO_CALLBACK)
+
+
+def check_unknown_keys(parser, config_remaining: list[str], cli_remaining: list[str], recipe: str | None) -> None:
+    """A one-line `ValueError` for a recipe key that neither this script nor `accelerate launch` knows (a recipe may
+    carry the launcher's keys, which `trb-trl train` hands to `accelerate launch`), or any unknown command-line
+    argument, naming the closest valid one."""
+    from accelerate.commands.launch import launch_command_parser
+
+    launcher = {option for action in launch_command_parser()._actions for option in action.option_strings}
+    dests = [action.dest for action in parser._actions if action.dest != "help"]
+    valid = recipe_check.recipe_key_names(dests, launcher)
+    unknown_keys = [key[2:] for key in config_remaining[::2] if key[2:] not in valid]
+    if unknown_keys:
+        raise ValueError(recipe_check.unknown_keys_message(unknown_keys, valid, recipe=recipe))
+    if cli_remaining:
+        options = [arg.split("=", 1)[0] for arg in cli_remaining if recipe_check.looks_like_option(arg)]
+        if not options:
+            raise ValueError(f"unexpected arguments: {' '.join(cli_remaining)}")
+        valid = [option for action in parser._actions for option in action.option_strings]
+        raise ValueError(recipe_check.unknown_keys_message(options, valid))
+
+
 def main(script_args, training_args, model_args, dataset_args):
+    check_logging_backends(training_args)
     if script_args.trainer == "tropd":
         from trb_trl.tropd_trainer import TrOPDTrainer as trainer_class
     else:
@@ -284,7 +297,7 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str 
     dataclass_types = (TRBScriptArguments, config_class(trainer), ModelConfig, DatasetMixtureConfig)
     if subparsers is not None:
         return subparsers.add_parser("train", help="Run TRB distillation", dataclass_types=dataclass_types)
-    return TrlParser(dataclass_types, prog=prog)
+    return TrlParser(dataclass_types, prog=prog, allow_abbrev=False)  # `--trb_epsilo` is a typo, not `--trb_epsilon`
 
 
 if __name__ == "__main__":
@@ -296,10 +309,15 @@ if __name__ == "__main__":
         parser = make_parser(trainer=trainer_name(sys.argv[1:]))
     except ValueError as error:
         raise SystemExit(f"trb-trl: error: {error}") from None
+    argv = sys.argv[1:]
+    recipe = argv[argv.index("--config") + 1] if "--config" in argv[:-1] else None
     try:
-        script_args, training_args, model_args, dataset_args = parser.parse_args_and_config(
-            fail_with_unknown_args=False
+        *parsed, config_remaining, cli_remaining = parser.parse_args_and_config(
+            argv, return_remaining_strings=True, separate_remaining_strings=True
         )
+        script_args, training_args, model_args, dataset_args = parsed
+        check_unknown_keys(parser, config_remaining, cli_remaining, recipe)
+        check_logging_backends(training_args)  # before any model loads
     except ValueError as error:  # a config error (e.g. from `TRBDistillConfig.__post_init__`): one line, no traceback
         parser.exit(2, f"trb-trl: error: {' '.join(str(error).split())}\n")
     # Under torchrun (multi-GPU, ZeRO), `record` hands this process's error to the launcher, so `trb-trl train`
