@@ -269,30 +269,35 @@ def test_config_error_is_one_line_before_launch():
     assert result.stderr.strip().splitlines()[-1].startswith("trb-trl: error: trb_epsilon must be")
 
 
-def test_a_trb_recipe_trained_as_tropd_without_trb_is_one_line_naming_the_key():
+def _run_training_script(monkeypatch, capsys, *argv) -> str:
+    """`python -m trb_trl.scripts.trb_distill ARGV` (what `trb-trl train` launches) in this process, up to its first
+    error: the script's own one-line reporting, without a new interpreter importing torch and TRL again. Returns the
+    last line it wrote to stderr."""
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", ["trb_distill", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_module("trb_trl.scripts.trb_distill", run_name="__main__")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+def test_a_trb_recipe_trained_as_tropd_without_trb_is_one_line_naming_the_key(monkeypatch, capsys):
     """`trb_epsilon > 0` with TrOPD's default `rollout_policy: student` would run without TRB: refused, with the key to
     set."""
-    result = _run("train", "recipes/tiny_cpu.yaml", "--trainer", "tropd", timeout=120)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    last = result.stderr.strip().splitlines()[-1]
+    last = _run_training_script(monkeypatch, capsys, "--config", str(TINY_RECIPE), "--trainer", "tropd")
     assert last.startswith("trb-trl: error: trb_epsilon=0.05 is TRB's KL budget") and "`rollout_policy: trb`" in last
 
 
-def test_the_training_script_itself_reports_recipe_typos(tmp_path):
+def test_the_training_script_itself_reports_recipe_typos(tmp_path, monkeypatch, capsys):
     """Launched directly (`accelerate launch -m trb_trl.scripts.trb_distill --config ...`), the script no longer ignores
     an unknown recipe key; the launcher's keys (`accelerate_config`, `num_processes`) stay allowed."""
     typo = tmp_path / "typo.yaml"
     typo.write_text(TINY_RECIPE.read_text().replace("trb_epsilon:", "trb_epsilo:") + "num_processes: 1\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "trb_trl.scripts.trb_distill", "--config", str(typo)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1] == (
-        f"trb-trl: error: unknown recipe key 'trb_epsilo' in {typo}; did you mean 'trb_epsilon'?"
-    )
+    last = _run_training_script(monkeypatch, capsys, "--config", str(typo))
+    assert last == f"trb-trl: error: unknown recipe key 'trb_epsilo' in {typo}; did you mean 'trb_epsilon'?"
 
 
 def test_missing_recipe_is_one_line():

@@ -478,7 +478,7 @@ def test_demo_checks_optional_dependencies_before_any_work(module, monkeypatch, 
 def test_demo_checks_the_logger_it_is_asked_to_report_to(monkeypatch, tmp_path):
     calls = _stub_expensive_parts(monkeypatch)
     monkeypatch.setitem(sys.modules, "wandb", None)
-    with pytest.raises(SystemExit, match=r"(?s)needs wandb.*pip install \"trb-trl\[wandb\]\""):
+    with pytest.raises(SystemExit, match=r"(?s)needs wandb.*pip install \"wandb\""):
         runner.main([*SMALL_RUN, "--output-dir", str(tmp_path / "out"), "--report-to", "wandb"])
     assert calls["pretrain"] == 0
 
