@@ -44,5 +44,10 @@ def test_trl_call_is_bound_by_name_and_an_added_parameter_at_its_default_is_igno
     assert set(received) == set(DIVERGENCE_PARAMETERS)
     assert received["beta"] == 5 and received["num_items_in_batch"] == 7 and received["temperature"] == 0.3
     assert received["student_logit_scale"] == 1.0  # TRL's default, filled in
+    assert call(*positional, new_option=None)["beta"] == 5  # the default, passed explicitly
+    parameters[6] = parameters[6].replace(default=1.0)
+    future_trl.__signature__ = inspect.Signature(parameters)
+    call = bound_by_name(_loss_reading_names)
+    assert call(*positional, new_option=float("1.0"))["beta"] == 5  # equal to the default, another object
     with pytest.raises(TypeError, match=r"passes \['new_option'\]"):
         call(*positional, new_option="on")

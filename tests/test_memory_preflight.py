@@ -218,8 +218,9 @@ def test_tropd_guidance_is_checked_with_its_prefixes(
     tiny_pair_dir, tmp_path, monkeypatch, sampling, continuation_width
 ):
     """TrOPD with `rollout_policy: student`: the teacher sampling prefixes (chunks of `trb_generation_batch_size`), and
-    the student continuing them. A continuation call is left-padded to its longest prompt + prefix and runs until its
-    largest remaining budget is spent: up to l_max extra columns with uniform prefix lengths, none with "max"."""
+    the student continuing them in calls of the same size. A continuation call is left-padded to its longest prompt +
+    prefix and runs until its largest remaining budget is spent: up to l_max extra columns with uniform prefix lengths
+    (a call holding both extremes), none with "max"."""
     import torch
     from datasets import Dataset
     from transformers import AutoTokenizer
@@ -251,7 +252,7 @@ def test_tropd_guidance_is_checked_with_its_prefixes(
         (p.phase, p.num_sequences, p.sequence_length, p.student_generates, p.teacher_generates) for p in phases
     ] == [
         ("TrOPD teacher-prefix rollout", 2, 1024 + 48, False, True),
-        ("student rollout continuing teacher prefixes", 8, continuation_width, True, False),
+        ("student rollout continuing teacher prefixes", 2, continuation_width, True, False),  # calls of 2 rows
     ]
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=2**20))
     with pytest.raises(ValueError, match="not to fit"):

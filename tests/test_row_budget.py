@@ -128,3 +128,24 @@ def test_trust_region_statistics_leave_out_the_steps_past_each_rows_budget(model
         pad_token_id=PAD,
     )
     assert processor.statistics()["beta"].numel() == sum(budgets)  # not 4 rows x 5 steps
+
+
+def test_speculative_statistics_leave_out_a_row_with_no_budget(models):
+    """As the processor path does: the one token `generate` samples for a budget-0 row is not recorded."""
+    student, teacher = models
+    input_ids, attention_mask = _prompts()
+    budgets = [0, 2, 5, 3]
+    sampler = SpeculativeBlendingSampler(
+        teacher, 0.5, draft_length=2, student_eos_token_id=[EOS], teacher_eos_token_id=[EOS]
+    )
+    sampler.generate(
+        student,
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        row_max_new_tokens=budgets,
+        max_new_tokens=10,
+        do_sample=True,
+        eos_token_id=[],
+        pad_token_id=PAD,
+    )
+    assert sampler.statistics()["beta"].numel() == sum(budgets)

@@ -1,3 +1,4 @@
+import math
 import os
 import weakref
 from pathlib import Path
@@ -386,7 +387,8 @@ def test_loss_top_k_over_the_whole_vocabulary_trains_exactly_like_the_full_diver
         calls.clear()
         trainer.train()
         logs = [entry for entry in trainer.state.log_history if "loss" in entry]
-        assert [entry["veto/beta"] for entry in logs] == [0.4, 0.2] and all(entry["loss"] > 0 for entry in logs)
+        assert [entry["veto/beta"] for entry in logs] == [0.4, 0.2]
+        assert all(math.isfinite(entry["loss"]) for entry in logs)  # the paper's estimate may be negative
         assert calls and set(calls) == {estimator}
 
 

@@ -185,9 +185,11 @@ def test_guided_continuations_stop_at_each_rows_budget(tiny_pair_dir, tmp_path, 
         handle.remove()
     (budgets,) = seen_budgets
     assert lengths == today_lengths
-    assert all(budget == 0 or budget == 12 - length for budget, length in zip(budgets, lengths, strict=True))
+    assert budgets == sorted(budgets)  # the rows go to generate sorted by budget
+    remaining = sorted(budget for budget in budgets if budget)
+    assert all(budget == 0 or 12 - budget in lengths for budget in budgets)
     if sampling == "max":  # every prefix that did not end the response is l_max = 8 tokens long
-        assert all(length == 8 for budget, length in zip(budgets, lengths, strict=True) if budget)
+        assert all(budget == 12 - 8 for budget in remaining)
     assert budgeted == today  # the same tokens as today's truncation
     assert all(len(completion) <= 12 for completion in budgeted)
     if policy == "trb_speculative":  # rounds of up to draft_length + 1 student forwards: never more of them, and
@@ -195,6 +197,39 @@ def test_guided_continuations_stop_at_each_rows_budget(tiny_pair_dir, tmp_path, 
         assert budgeted_forwards < today_forwards if sampling == "max" else budgeted_forwards <= today_forwards
     else:  # one student forward per generated token: up to the largest budget (at least the first token), not 12
         assert today_forwards == 12 and budgeted_forwards == max(1, *budgets)
+
+
+def test_uniform_prefixes_are_continued_in_calls_of_similar_budgets(tiny_pair_dir, tmp_path, monkeypatch):
+    """Uniform prefix lengths: the rows go to `generate` sorted by budget, `trb_generation_batch_size` per call, so a
+    call spans about prompt + max_completion_length columns instead of prompt + l_max + max_completion_length."""
+    from trb_trl.rollout import row_budget
+
+    trainer = _trainer(
+        tiny_pair_dir,
+        tmp_path,
+        max_completion_length=12,
+        tropd_prefix_max_length=12,
+        tropd_prefix_sampling="uniform",
+        trb_generation_batch_size=2,
+    )
+    trainer.model.train()
+    calls = []
+    original = row_budget.RowBudgetCriteria.__init__
+
+    def recording(self, budgets, prompt_length):
+        calls.append((list(budgets), int(prompt_length)))
+        original(self, budgets, prompt_length)
+
+    monkeypatch.setattr(row_budget.RowBudgetCriteria, "__init__", recording)
+    prompts = [[3, 4, 5]] * 8  # one prompt length: the width of a call is its longest prefix + its largest budget
+    trainer._generate_single_turn(prompts, None, {})
+    lengths = trainer._tropd_prefix_lengths
+    assert len(calls) == 4 and all(len(budgets) == 2 for budgets, _ in calls)
+    flat = [budget for budgets, _ in calls for budget in budgets]
+    assert flat == sorted(flat)
+    widest_call = max(width + max(budgets) for budgets, width in calls)
+    one_call = 3 + max(lengths) + max(flat)  # what a single call of all 8 rows would span
+    assert len(set(lengths)) > 2 and widest_call < one_call, (lengths, calls)
 
 
 def _logs(trainer):

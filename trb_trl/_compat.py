@@ -11,6 +11,7 @@ import dataclasses
 import inspect
 from importlib.metadata import version
 
+import torch
 from packaging.version import Version
 
 
@@ -139,6 +140,18 @@ def resolve_checkpointing_spelling(args) -> None:
             setattr(args, old, getattr(args, new))
 
 
+def _is_default(value, default) -> bool:
+    """`value` equals the parameter's default (an equal float read from a config counts; a tensor never does)."""
+    if value is default:
+        return True
+    if isinstance(value, torch.Tensor) or isinstance(default, torch.Tensor):
+        return False
+    try:
+        return bool(value == default)
+    except (TypeError, ValueError, RuntimeError):
+        return False
+
+
 def bound_by_name(function):
     """`function` (taking the [`DIVERGENCE_PARAMETERS`] by name) callable the way TRL calls `_chunked_divergence_loss`:
     TRL's positional and keyword arguments are bound to its signature, then passed by name. A parameter TRL adds is
@@ -151,7 +164,7 @@ def bound_by_name(function):
         unknown = [
             name
             for name, value in arguments.arguments.items()
-            if name not in DIVERGENCE_PARAMETERS and value is not signature.parameters[name].default
+            if name not in DIVERGENCE_PARAMETERS and not _is_default(value, signature.parameters[name].default)
         ]
         if unknown:
             raise TypeError(

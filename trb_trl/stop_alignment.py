@@ -9,6 +9,7 @@ duplicate. [`StopAlignment`] is that map; the rollout processor and the loss bot
 Pure tensor code: no transformers imports.
 """
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -24,6 +25,12 @@ def as_id_list(token_ids: int | Iterable[int] | torch.Tensor | None) -> list[int
     if isinstance(token_ids, int):
         return [token_ids]
     return [int(t) for t in token_ids]
+
+
+@functools.cache
+def _stop_ids_on(canonical_id: int, merged_ids: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The canonical id then the merged ids, as an index tensor on `device`, built once per alignment and device."""
+    return torch.tensor([canonical_id, *merged_ids], device=device)
 
 
 @dataclass(frozen=True)
@@ -64,14 +71,11 @@ class StopAlignment:
         still be divided by it (`generate`'s temperature warper, the blend), so the mass is merged in the tempered
         distribution: the canonical score becomes `temperature * logsumexp(scores / temperature)` over the stop ids.
         """
-        ids = torch.tensor([self.canonical_id, *self.merged_ids], device=logits.device)
-        stop_scores = logits.index_select(-1, ids)
-        if temperature == 1.0:
-            merged_logit = torch.logsumexp(stop_scores, dim=-1)
-        else:
-            merged_logit = temperature * torch.logsumexp(stop_scores / temperature, dim=-1)
-        aligned = logits.index_fill(-1, ids[1:], fill)
-        return aligned.index_copy(-1, ids[:1], merged_logit.unsqueeze(-1))
+        ids = _stop_ids_on(self.canonical_id, self.merged_ids, logits.device)
+        merged_logit = temperature * torch.logsumexp(logits.index_select(-1, ids) / temperature, dim=-1)
+        aligned = logits.clone()  # the one copy: this runs at every decoding step, for both models
+        aligned.index_fill_(-1, ids[1:], fill)
+        return aligned.index_copy_(-1, ids[:1], merged_logit.unsqueeze(-1).to(aligned.dtype))
 
     def apply_to_scores(self, scores: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
         """The student's sampling scores (..., V) with its own mass on the merged ids moved onto its stop id, so that

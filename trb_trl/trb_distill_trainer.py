@@ -388,7 +388,9 @@ class TRBDistillTrainer(DistillationTrainer):
         if policy is None and not budgeted:
             return super()._generate_single_turn(prompt_ids, images, multimodal_fields, has_tool_images)
         make_processor, uses_teacher = policy or (None, False)
-        chunk = (self.args.trb_generation_batch_size if uses_teacher else None) or len(prompt_ids)
+        # Teacher-guided rollouts, and rollouts of rows with their own budgets (TrOPD continuations, sorted by budget
+        # so that each call's rows need about the same length), go in calls of `trb_generation_batch_size` rows.
+        chunk = (self.args.trb_generation_batch_size if uses_teacher or budgeted else None) or len(prompt_ids)
         if chunk < len(prompt_ids) and (images is not None or multimodal_fields):
             raise ValueError("trb_generation_batch_size does not support vision-language inputs; unset it.")
         completion_ids = []

@@ -305,9 +305,9 @@ def process_share(
     share = benchmark.problems[process_index::num_processes]
     size = -(-len(benchmark.problems) // num_processes)
     ids = {problem.id for problem in benchmark.problems}
-    template = benchmark.problems[0]
     padding = []
-    for index in range(size - len(share)):
+    for index in range(size - len(share)):  # none for an empty benchmark: every share is empty alike
+        template = benchmark.problems[0]
         problem_id = f"padding-{index}"
         while problem_id in ids:
             problem_id = f"_{problem_id}"

@@ -330,6 +330,7 @@ class SpeculativeBlendingSampler:
         self._tokens = 0
         self._teacher_cache = None
         self._drafter = None
+        self._recorded_rows: torch.Tensor | None = None  # rows whose tokens are recorded (None: all)
         self._prior_acceptance = 1.0
         self._draft_lengths: list[int] = []
 
@@ -506,11 +507,14 @@ class SpeculativeBlendingSampler:
             attention_mask = attention_mask.repeat_interleave(plan.num_return_sequences, dim=0)
         rows = input_ids.shape[0]
         limits = torch.full((rows,), plan.max_new_tokens, dtype=torch.long, device=input_ids.device)
+        self._recorded_rows = None
         if row_max_new_tokens is not None:
             budgets = torch.as_tensor(row_max_new_tokens, dtype=torch.long).reshape(-1).to(input_ids.device)
             if budgets.numel() != rows:
                 raise ValueError(f"row_max_new_tokens has {budgets.numel()} entries for {rows} generated rows.")
-            limits = budgets.clamp(1, plan.max_new_tokens)
+            limits = budgets.clamp(1, plan.max_new_tokens)  # generate samples one token before any criterion
+            # ... which the processor path leaves out of its statistics (the row is finished from the start): so here.
+            self._recorded_rows = budgets > 0
         epsilon = self.epsilon
         if isinstance(epsilon, torch.Tensor):
             if epsilon.numel() not in (1, rows):
@@ -714,6 +718,8 @@ class SpeculativeBlendingSampler:
 
     def _record(self, records, slot, emitted, accepted, count, unfinished) -> None:
         """Per-token records of the emitted tokens of rows that were running, like the processor's."""
+        if self._recorded_rows is not None:  # a row whose budget was 0 generated its one token unrecorded
+            emitted = emitted & self._recorded_rows[:, None]
         if not bool(emitted.any()):
             return
         steps = torch.arange(emitted.shape[1], device=emitted.device)
