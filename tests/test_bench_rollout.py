@@ -1,8 +1,7 @@
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from script_modules import load_script
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -10,11 +9,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def bench_rollout():
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_rollout.py"
-    spec = importlib.util.spec_from_file_location("bench_rollout", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_rollout")
 
 
 def test_the_speculative_rows_split_the_time_into_the_models_and_the_engine(bench_rollout, tmp_path, capsys):

@@ -1,12 +1,11 @@
 """scripts/gpu_check.py: the `--dry-run` that CI runs (every check's code on CPU at tiny sizes, so the GPU run cannot
 rot), and the runner's bookkeeping: a failing or overrunning check is recorded and the others still run."""
 
-import importlib.util
 import json
 import time
-from pathlib import Path
 
 import pytest
+from script_modules import load_script
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -14,11 +13,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def gpu_check():
-    path = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"
-    spec = importlib.util.spec_from_file_location("gpu_check", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("gpu_check")
 
 
 def test_dry_run_exercises_every_check_and_writes_the_report(gpu_check, tmp_path):

@@ -187,7 +187,12 @@ def plan_launch(parser, argv: list[str]) -> tuple[list[str], list[str]]:
     recipe_config, config_remaining = _pop_option(config_remaining, ACCELERATE_CONFIG_OPTION)
     cli_config, cli_remaining = _pop_option(cli_remaining, ACCELERATE_CONFIG_OPTION)
     actions = _launcher_actions()
-    _check_unknown_keys(parser, actions, config_remaining, cli_remaining, recipe)
+    try:
+        recipe_check.check_unknown_arguments(
+            parser, [*actions, ACCELERATE_CONFIG_OPTION], config_remaining, cli_remaining, recipe, launched=False
+        )
+    except ValueError as error:
+        raise UsageError(error) from error
     _check_report_to(training_args.report_to)
     launch_args = [*_recipe_launch_args(config_remaining, actions), *cli_remaining]
     if cli_config is not None:
@@ -199,22 +204,6 @@ def plan_launch(parser, argv: list[str]) -> tuple[list[str], list[str]]:
     if config_file is not None:
         launch_args = ["--config_file", str(config_file), *launch_args]
     return launch_args, script_args
-
-
-def _check_unknown_keys(parser, actions: dict, config_remaining: list[str], cli_remaining: list[str], recipe) -> None:
-    """Recipe keys and command-line options that neither the training script nor `accelerate launch` knows, named with
-    the closest valid name (the live parser's version of `recipe_check.check_train_command`'s check)."""
-    script_options = {option for action in parser._actions for option in action.option_strings}
-    dests = [action.dest for action in parser._actions if action.dest != "help"]
-    valid_keys = recipe_check.recipe_key_names(dests, actions)
-    unknown_keys = [key[2:] for key in config_remaining[::2] if key[2:] not in valid_keys]
-    if unknown_keys:
-        raise UsageError(recipe_check.unknown_keys_message(unknown_keys, valid_keys, recipe=recipe))
-    unknown_options = [arg.split("=", 1)[0] for arg in cli_remaining if recipe_check.looks_like_option(arg)]
-    unknown_options = [option for option in unknown_options if option not in actions]
-    if unknown_options:
-        valid = [*script_options, *actions, ACCELERATE_CONFIG_OPTION]
-        raise UsageError(recipe_check.unknown_keys_message(unknown_options, valid))
 
 
 def _check_report_to(report_to) -> None:

@@ -179,6 +179,29 @@ def recipe_key_names(dests, launcher_option_strings) -> list[str]:
     return [*dests, *launcher_keys, *EXTRA_RECIPE_KEYS]
 
 
+def check_unknown_arguments(
+    parser, launcher_option_strings, config_remaining: list[str], cli_remaining: list[str], recipe, *, launched: bool
+) -> None:
+    """The live parser's check (when the shipped schema is stale, and in the launched script): a recipe key that neither
+    the training options nor `accelerate launch` know, or an unknown command-line option, is a one-line `ValueError`
+    naming the closest valid name. `launched=False` (`trb-trl train`): `accelerate launch`'s options (and their values)
+    may follow on the command line; `launched=True` (the script itself): nothing may be left over."""
+    launcher = set(launcher_option_strings)
+    dests = [action.dest for action in parser._actions if action.dest != "help"]
+    valid_keys = recipe_key_names(dests, launcher)
+    unknown_keys = [key[2:] for key in config_remaining[::2] if key[2:] not in valid_keys]
+    if unknown_keys:
+        raise ValueError(unknown_keys_message(unknown_keys, valid_keys, recipe=recipe))
+    options = [arg.split("=", 1)[0] for arg in cli_remaining if looks_like_option(arg)]
+    unknown_options = options if launched else [option for option in options if option not in launcher]
+    if unknown_options:
+        script_options = [option for action in parser._actions for option in action.option_strings]
+        valid = script_options if launched else [*script_options, *launcher]
+        raise ValueError(unknown_keys_message(unknown_options, valid))
+    if launched and cli_remaining:
+        raise ValueError(f"unexpected arguments: {' '.join(cli_remaining)}")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Values
 

@@ -213,22 +213,11 @@ def check_logging_backends(training_args) -> None:
 
 def check_unknown_keys(parser, config_remaining: list[str], cli_remaining: list[str], recipe: str | None) -> None:
     """A one-line `ValueError` for a recipe key that neither this script nor `accelerate launch` knows (a recipe may
-    carry the launcher's keys, which `trb-trl train` hands to `accelerate launch`), or any unknown command-line
-    argument, naming the closest valid one."""
+    carry the launcher's keys, which `trb-trl train` hands to `accelerate launch`), or any argument left over."""
     from accelerate.commands.launch import launch_command_parser
 
-    launcher = {option for action in launch_command_parser()._actions for option in action.option_strings}
-    dests = [action.dest for action in parser._actions if action.dest != "help"]
-    valid = recipe_check.recipe_key_names(dests, launcher)
-    unknown_keys = [key[2:] for key in config_remaining[::2] if key[2:] not in valid]
-    if unknown_keys:
-        raise ValueError(recipe_check.unknown_keys_message(unknown_keys, valid, recipe=recipe))
-    if cli_remaining:
-        options = [arg.split("=", 1)[0] for arg in cli_remaining if recipe_check.looks_like_option(arg)]
-        if not options:
-            raise ValueError(f"unexpected arguments: {' '.join(cli_remaining)}")
-        valid = [option for action in parser._actions for option in action.option_strings]
-        raise ValueError(recipe_check.unknown_keys_message(options, valid))
+    launcher = [option for action in launch_command_parser()._actions for option in action.option_strings]
+    recipe_check.check_unknown_arguments(parser, launcher, config_remaining, cli_remaining, recipe, launched=True)
 
 
 def main(script_args, training_args, model_args, dataset_args):
