@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from schema_versions import schema_versions_installed
 
 from trb_trl import cli
 
@@ -94,6 +95,7 @@ def test_train_help_starts_with_the_recipe_and_launcher_keys_then_lists_the_trb_
         assert help_text.index(launcher_key) < first_option
 
 
+@schema_versions_installed
 def test_train_help_and_key_errors_answer_without_importing_torch_or_trl(tmp_path):
     """`trb-trl train --help` and a mistyped key are answered from the shipped option schema (about 0.2 s; the live
     parser takes 10-14 s to import torch and TRL)."""

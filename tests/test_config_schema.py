@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from schema_versions import schema_versions_installed
 
 from trb_trl import cli, config_schema, recipe_check
 
@@ -18,6 +19,7 @@ def live_schema():
     return config_schema.build_schema()
 
 
+@schema_versions_installed
 def test_shipped_schema_matches_the_live_config_classes(live_schema):
     shipped = config_schema.load_schema()
     # Piece by piece, so that a failure names what changed.
@@ -34,6 +36,7 @@ def test_shipped_schema_matches_the_live_config_classes(live_schema):
     assert config_schema.SCHEMA_PATH.read_text() == config_schema.dumps(live_schema), STALE  # byte for byte
 
 
+@schema_versions_installed
 def test_shipped_schema_is_current_for_the_installed_packages():
     assert config_schema.is_current(config_schema.load_schema()), STALE
 
@@ -43,6 +46,7 @@ def test_shipped_schema_is_current_for_the_installed_packages():
     [None, "recipes/qwen3_1p7b.yaml", "recipes/qwen3_1p7b_tropd.yaml"],
     ids=["no recipe", "trb recipe", "tropd recipe"],
 )
+@schema_versions_installed
 def test_help_from_the_schema_is_the_live_parsers_help(recipe, monkeypatch):
     """`trb-trl train [RECIPE] --help` prints from the schema exactly what the live parser prints, with the recipe's
     values as the defaults."""
@@ -85,6 +89,7 @@ def test_every_recipe_key_of_the_shipped_recipes_is_in_the_schema():
         assert set(config) <= set(valid), recipe.name
 
 
+@schema_versions_installed
 def test_an_edited_config_source_makes_the_schema_stale(tmp_path, monkeypatch):
     schema = config_schema.load_schema()
     assert config_schema.is_current(schema)

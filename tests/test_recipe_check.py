@@ -4,9 +4,14 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+from schema_versions import schema_versions_installed
 
 from trb_trl import cli, config_schema, recipe_check
 from trb_trl.recipe_check import RecipeError, check_train_command, read_train_command
+
+
+# Messages of the schema fast path (the live path has its own tests below, stale schema or not).
+pytestmark = schema_versions_installed
 
 
 REPO = Path(__file__).resolve().parents[1]

@@ -31,9 +31,11 @@ def uninstalled(monkeypatch):
 
 
 def test_every_backend_transformers_knows_has_its_packages_listed():
-    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+    """Against the backends of the transformers the option schema was generated with (a release that adds one is
+    not an error: its package is then not checked, and regenerating the schema shows the gap here)."""
+    from trb_trl import config_schema
 
-    assert set(BACKEND_PACKAGES) == set(INTEGRATION_TO_CALLBACK)
+    assert set(config_schema.load_schema()["report_to_backends"]) <= set(BACKEND_PACKAGES)
 
 
 def test_a_missing_backend_package_is_one_line_naming_the_install(uninstalled):
