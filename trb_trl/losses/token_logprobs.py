@@ -71,8 +71,13 @@ def _normalised(logits: torch.Tensor, ids: torch.Tensor, normalize: str) -> torc
 
 
 def _entropy(logits: torch.Tensor) -> torch.Tensor:
-    logprobs = torch.log_softmax(logits, dim=-1)
-    return -(logprobs.exp() * logprobs).sum(-1)
+    return _entropy_of_logprobs(torch.log_softmax(logits, dim=-1))
+
+
+def _entropy_of_logprobs(logprobs: torch.Tensor) -> torch.Tensor:
+    """-sum p log p, with 0 log 0 = 0 (ids at -inf, such as a merged stop id, add nothing instead of NaN)."""
+    probs = logprobs.exp()
+    return -torch.where(probs > 0, probs * logprobs, torch.zeros_like(logprobs)).sum(-1)
 
 
 class _GatheredLogprobs(torch.autograd.Function):
@@ -201,16 +206,19 @@ def teacher_top_k(
     vocab_size: int,
     k: int,
     extra_ids: torch.Tensor | None = None,
+    return_entropy: bool = False,
 ):
     """The teacher's top-`k` ids with their full-vocabulary log-probs, and its log-probs at `extra_ids`; no gradient.
 
     Args:
         k (`int`): how many ids per token (`0`: none, only `extra_ids`); cut to `vocab_size`.
         extra_ids (`torch.Tensor`, *optional*): `(N, e)` int64 ids to read as well (e.g. the sampled token).
+        return_entropy (`bool`): also return the per-token full-vocabulary entropy, from the same pass (EOPD).
 
     Returns:
         `(top_ids (N, k) int64, top_logprobs (N, k) float32, extra_logprobs (N, e) float32 or None)`, ids sorted by
-        decreasing probability. Only these are kept: memory O(N x (k + e)) besides one O(tile x V) tile.
+        decreasing probability, plus the `(N,)` float32 entropies with `return_entropy`. Only these are kept: memory
+        O(N x (k + e)) besides one O(tile x V) tile.
     """
     from .._compat import maybe_gather_lm_head_ctx
 
@@ -222,6 +230,7 @@ def teacher_top_k(
     top_ids = hidden.new_zeros(num_tokens, width, dtype=torch.long)
     top_logprobs = hidden.new_zeros(num_tokens, width, dtype=torch.float32)
     extra = None if extra_ids is None else hidden.new_zeros(extra_ids.shape, dtype=torch.float32)
+    entropy = hidden.new_zeros(num_tokens, dtype=torch.float32) if return_entropy else None
     with maybe_gather_lm_head_ctx(weight, bias):
         for rows in row_chunks(num_tokens, vocab_size):
             logprobs = torch.log_softmax(model_logits(hidden[rows], weight, bias, spec, vocab_size), dim=-1)
@@ -229,6 +238,10 @@ def teacher_top_k(
                 top_logprobs[rows], top_ids[rows] = logprobs.topk(width, dim=-1, sorted=True)
             if extra is not None:
                 extra[rows] = logprobs.gather(-1, extra_ids[rows])
+            if entropy is not None:
+                entropy[rows] = _entropy_of_logprobs(logprobs)
+    if return_entropy:
+        return top_ids, top_logprobs, extra, entropy
     return top_ids, top_logprobs, extra
 
 

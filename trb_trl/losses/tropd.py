@@ -18,7 +18,9 @@ teacher-generated prefix get a small teacher-NLL term instead. Per token (papers
 `outlier_detection="adaptive"` draws the trust mask (trusted iff draw < min(1, exp(R))); `"threshold"` calls a token an
 outlier iff R < threshold (the paper's static Mask/Clip baselines). The other objectives of the paper's ablation:
 `"k1"` (plain OPD: every continuation token trusted), `"fkl"` (top-k forward KL on every continuation token: the
-paper's collapsing "FKL alone") and `"jsd"`. Choices where the paper is silent: R is log pi_T - log pi_S (the paper
+paper's collapsing "FKL alone") and `"jsd"`; and the loss-side baselines of its comparison, `"eopd"`,
+`"entropy_top"` (Entropy OPD 20%) and `"reopold"` ([`opd_baselines`](opd_baselines.py)), which keep the guidance and
+the prefix rule. Choices where the paper is silent: R is log pi_T - log pi_S (the paper
 writes the ratio both ways up), so `threshold` must be <= 0; masked outliers still count in the token normaliser;
 prefix tokens are never in the trust/outlier statistics; a sampled teacher-only stop id counts as the student's stop
 id (after stop alignment they are one event).
@@ -33,11 +35,13 @@ from dataclasses import dataclass
 import torch
 
 from ..stop_alignment import StopAlignment
+from .opd_baselines import BASELINE_OBJECTIVES, REOPOLD_STAGES, averages_over_selected, baseline_token_loss
 from .projection import LogitSpec, aligned_ids, full_lm_head, reduce_like_trl
 from .token_logprobs import gathered_logprobs, teacher_top_k
+from .token_selection import SELECTION_SCOPES
 
 
-OBJECTIVES = ("trust_region", "k1", "fkl", "jsd")
+OBJECTIVES = ("trust_region", "k1", "fkl", "jsd", *BASELINE_OBJECTIVES)
 OUTLIER_STRATEGIES = ("fkl", "mask", "clip")
 OUTLIER_DETECTIONS = ("adaptive", "threshold")
 
@@ -48,7 +52,8 @@ class TrOPDLossSpec:
 
     Args:
         objective (`str`): `"trust_region"` (TrOPD), `"k1"` (plain OPD), `"fkl"` (top-k forward KL on every
-            continuation token) or `"jsd"` (the paper's JSD baseline).
+            continuation token), `"jsd"` (the paper's JSD baseline), or a baseline of its comparison: `"eopd"`,
+            `"entropy_top"` (Entropy OPD 20%), `"reopold"`.
         outlier (`str`): with `"trust_region"`, the loss of an outlier token: `"fkl"` (TrOPD), `"mask"` or `"clip"`.
         outlier_detection (`str`): with `"trust_region"`, `"adaptive"` (Bernoulli min(1, pi_T/pi_S), needs trust
             draws) or `"threshold"` (outlier iff R < `threshold`).
@@ -57,6 +62,15 @@ class TrOPDLossSpec:
         top_k (`int`): size of the teacher's top-k support of the forward KL (the paper: 64).
         jsd_beta (`float`): the JSD mixture weight of the teacher, in (0, 1) (the paper: 0.5).
         guidance_weight (`float`): weight of the teacher-prefix NLL (the paper: 1e-3); `0` trains nothing on prefixes.
+        eopd_entropy_threshold (`float`): EOPD's tau, in nats: the forward-KL term is added where the teacher's
+            entropy is >= tau (EOPD's code: 0.8).
+        eopd_weight (`float`): EOPD's alpha, the weight of that term (EOPD: 1.0).
+        eopd_top_k (`int`): EOPD's k, the teacher's top-k support, renormalised (EOPD: 16).
+        selection_fraction (`float`): the fraction of continuation tokens of highest student entropy that
+            `"entropy_top"` and REOPOLD's refinement stage train on (0.2).
+        selection_scope (`str`): `"batch"` (the top fraction of the micro-batch's tokens) or `"sequence"` (of each
+            sequence's).
+        reopold_mixture_weight (`float`): REOPOLD's lambda in (0, 1); the reward floor is log(lambda) / (1 - lambda).
     """
 
     objective: str = "trust_region"
@@ -66,12 +80,19 @@ class TrOPDLossSpec:
     top_k: int = 64
     jsd_beta: float = 0.5
     guidance_weight: float = 1e-3
+    eopd_entropy_threshold: float = 0.8
+    eopd_weight: float = 1.0
+    eopd_top_k: int = 16
+    selection_fraction: float = 0.2
+    selection_scope: str = "batch"
+    reopold_mixture_weight: float = 0.3
 
     def __post_init__(self):
         for name, allowed in (
             ("objective", OBJECTIVES),
             ("outlier", OUTLIER_STRATEGIES),
             ("outlier_detection", OUTLIER_DETECTIONS),
+            ("selection_scope", SELECTION_SCOPES),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}.")
@@ -91,11 +112,34 @@ class TrOPDLossSpec:
             raise ValueError(
                 f"guidance_weight must be a finite number >= 0 (the paper: 1e-3), got {self.guidance_weight!r}."
             )
+        for name in ("eopd_entropy_threshold", "eopd_weight"):
+            value = getattr(self, name)
+            if not (_is_number(value) and math.isfinite(value)) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0 (EOPD: tau 0.8, alpha 1), got {value!r}.")
+        if isinstance(self.eopd_top_k, bool) or not isinstance(self.eopd_top_k, int) or self.eopd_top_k < 1:
+            raise ValueError(f"eopd_top_k must be an int >= 1 (EOPD uses 16), got {self.eopd_top_k!r}.")
+        if not (_is_number(self.selection_fraction) and 0 < self.selection_fraction <= 1):
+            raise ValueError(f"selection_fraction must be in (0, 1] (e.g. 0.2), got {self.selection_fraction!r}.")
+        if not (_is_number(self.reopold_mixture_weight) and 0 < self.reopold_mixture_weight < 1):
+            raise ValueError(
+                f"reopold_mixture_weight must be in (0, 1) (lambda of REOPOLD's mixture), got "
+                f"{self.reopold_mixture_weight!r}."
+            )
 
     @property
     def needs_top_k(self) -> bool:
         """Whether the loss reads the teacher's top-k (forward KL or JSD terms)."""
-        return self.objective in ("fkl", "jsd") or (self.objective == "trust_region" and self.outlier == "fkl")
+        return self.objective in ("fkl", "jsd", "eopd") or (self.objective == "trust_region" and self.outlier == "fkl")
+
+    @property
+    def top_k_width(self) -> int:
+        """How many of the teacher's top ids the loss reads (EOPD has its own k)."""
+        return self.eopd_top_k if self.objective == "eopd" else self.top_k
+
+    @property
+    def needs_teacher_entropy(self) -> bool:
+        """Whether the loss reads the teacher's full-vocabulary entropy (EOPD's switch)."""
+        return self.objective == "eopd"
 
     @property
     def needs_trust_draws(self) -> bool:
@@ -131,6 +175,10 @@ def tropd_token_loss(
     trust_draws: torch.Tensor | None,
     is_prefix: torch.Tensor | None,
     spec: TrOPDLossSpec,
+    teacher_entropy: torch.Tensor | None = None,
+    student_entropy: torch.Tensor | None = None,
+    sequence_ids: torch.Tensor | None = None,
+    stage: str = "refinement",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """TrOPD's loss per token from gathered log-probs (see the module docstring).
 
@@ -143,11 +191,18 @@ def tropd_token_loss(
         trust_draws (`torch.Tensor` or `None`): `(N,)` uniform draws in [0, 1); needed when `spec.needs_trust_draws`.
         is_prefix (`torch.Tensor` or `None`): `(N,)` bool, `True` on teacher-prefix tokens; `None`: no prefix.
         spec ([`TrOPDLossSpec`]): the objective.
+        teacher_entropy, student_entropy (`torch.Tensor`, *optional*): `(N,)` full-vocabulary entropies, for the
+            baselines that read them (`"eopd"`: the teacher's; `"entropy_top"`, `"reopold"`: the student's).
+        sequence_ids (`torch.Tensor`, *optional*): `(N,)` the sequence of each token (`selection_scope="sequence"`).
+        stage (`str`): REOPOLD's stage at this step, `"exploration"` or `"refinement"`.
 
     Returns:
         `(loss (N,), records)`: records holds detached `(N,)` tensors `trusted`, `outlier` (bool: which branch each
-        continuation token took; `"k1"` trusts every one, `"fkl"` treats every one as an outlier, `"jsd"` neither),
-        `reward` (R), `trust_probability` (min(1, exp(R))) and `is_prefix`.
+        continuation token took; `"k1"` trusts every one, `"fkl"` treats every one as an outlier, the others
+        neither), `selected` (the continuation tokens trained on), `switched` (EOPD: forward KL added), `clipped`
+        (REOPOLD: reward below the floor), `reward` (R), `trust_probability` (min(1, exp(R))) and `is_prefix`. An
+        objective that averages over the tokens it selects has its continuation losses scaled by
+        continuation / selected tokens, so that TRL's token normaliser turns their sum into that mean.
     """
     if not isinstance(spec, TrOPDLossSpec):
         raise ValueError(f"spec must be a TrOPDLossSpec, got {type(spec)}.")
@@ -158,6 +213,8 @@ def tropd_token_loss(
             f"{tuple(lp_s.shape)} and {tuple(teacher_logprob_sampled.shape)}."
         )
     num_tokens = lp_s.shape[0]
+    if stage not in REOPOLD_STAGES:
+        raise ValueError(f"stage must be one of {list(REOPOLD_STAGES)}, got {stage!r}.")
     if spec.needs_top_k:
         if student_logprobs_top is None or teacher_logprobs_top is None:
             raise ValueError(f"objective={spec.objective!r} (outlier={spec.outlier!r}) needs the top-k log-probs.")
@@ -188,7 +245,31 @@ def tropd_token_loss(
     trust_probability = reward.clamp(max=0).exp()  # min(1, pi_T / pi_S) without overflow
     policy_gradient = -reward * lp_s
     none = torch.zeros_like(continuation)
-    if spec.objective == "k1":
+    selected, switched, clipped = continuation, none, none
+    if spec.objective in BASELINE_OBJECTIVES:
+        trusted, outlier = none, none
+        per_token, selected, flags = baseline_token_loss(
+            lp_s,
+            reward,
+            objective=spec.objective,
+            continuation=continuation,
+            teacher_entropy=teacher_entropy,
+            student_entropy=student_entropy,
+            student_logprobs_top=student_logprobs_top,
+            teacher_logprobs_top=teacher_logprobs_top,
+            sequence_ids=sequence_ids,
+            entropy_threshold=spec.eopd_entropy_threshold,
+            forward_kl_weight=spec.eopd_weight,
+            selection_fraction=spec.selection_fraction,
+            selection_scope=spec.selection_scope,
+            mixture_weight=spec.reopold_mixture_weight,
+            stage=stage,
+        )
+        switched, clipped = flags["switched"], flags["clipped"]
+        if averages_over_selected(spec.objective):
+            scale = continuation.sum().clamp(min=1) / selected.sum().clamp(min=1)
+            per_token = torch.where(selected, per_token * scale.to(per_token.dtype), torch.zeros_like(per_token))
+    elif spec.objective == "k1":
         trusted, outlier, per_token = continuation, none, policy_gradient
     elif spec.objective == "fkl":
         trusted, outlier = none, continuation
@@ -213,6 +294,9 @@ def tropd_token_loss(
     records = {
         "trusted": trusted,
         "outlier": outlier,
+        "selected": selected,
+        "switched": switched,
+        "clipped": clipped,
         "reward": reward,
         "trust_probability": trust_probability,
         "is_prefix": is_prefix,
@@ -229,6 +313,9 @@ def _accumulate(records_out: dict, records: dict[str, torch.Tensor]):
         "continuation_tokens": continuation.sum(),
         "trusted_tokens": trusted.sum(),
         "outlier_tokens": outlier.sum(),
+        "selected_tokens": records["selected"].sum(),
+        "switched_tokens": records["switched"].sum(),
+        "clipped_tokens": records["clipped"].sum(),
         "reward_sum_prefix": reward[prefix].sum(),
         "reward_sum_continuation": reward[continuation].sum(),
         "reward_sum_trusted": reward[trusted].sum(),
@@ -262,6 +349,7 @@ def tropd_loss(
     spec: TrOPDLossSpec,
     alignment: StopAlignment | None = None,
     records_out: dict | None = None,
+    stage: str = "refinement",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Drop-in for TRL's `_chunked_divergence_loss` computing TrOPD's loss (`beta` is accepted and ignored: `spec`
     chooses the objective).
@@ -273,8 +361,10 @@ def tropd_loss(
         spec ([`TrOPDLossSpec`]): the objective.
         alignment ([`StopAlignment`], *optional*): merge the stop tokens in both models (and in `completion_ids`).
         records_out (`dict`, *optional*): receives (adds to) detached sums and counts over the valid tokens:
-            `prefix_tokens`, `continuation_tokens`, `trusted_tokens`, `outlier_tokens`, `reward_sum_{prefix,
-            continuation,trusted,outlier}` and `trust_probability_sum` (over continuation tokens).
+            `prefix_tokens`, `continuation_tokens`, `trusted_tokens`, `outlier_tokens`, `selected_tokens`,
+            `switched_tokens`, `clipped_tokens`, `reward_sum_{prefix,continuation,trusted,outlier}` and
+            `trust_probability_sum` (over continuation tokens).
+        stage (`str`): REOPOLD's stage at this step (`"exploration"` or `"refinement"`).
 
     Returns `(loss, entropy_sum, num_valid)` reduced as TRL's; the entropy is the student's full-vocabulary one.
     """
@@ -303,18 +393,20 @@ def tropd_loss(
     student_hidden = student_hidden_states.reshape(-1, student_hidden_states.size(-1))[valid]
     teacher_hidden = teacher_hidden_states.reshape(-1, teacher_hidden_states.size(-1))[valid]
     sampled = aligned_ids(completion_ids.reshape(-1)[valid].long().to(student_hidden.device), alignment)
-    flat = {}
+    rows = torch.arange(completion_mask.shape[0], device=completion_mask.device)[:, None].expand(shape)
+    flat = {"sequence_ids": rows.reshape(-1)[valid].to(student_hidden.device)}
     for name, tensor in (("trust_draws", trust_draws), ("is_prefix", is_prefix)):
         flat[name] = None if tensor is None else tensor.reshape(-1)[valid].to(student_hidden.device)
 
-    top_ids, teacher_top, teacher_sampled = teacher_top_k(
+    top_ids, teacher_top, teacher_sampled, *teacher_entropy = teacher_top_k(
         teacher_hidden,
         teacher_lm_head_weight,
         teacher_lm_head_bias,
         teacher_spec,
         vocab_size=vocab_size,
-        k=spec.top_k if spec.needs_top_k else 0,
+        k=spec.top_k_width if spec.needs_top_k else 0,
         extra_ids=sampled[:, None],
+        return_entropy=spec.needs_teacher_entropy,
     )
     student, entropy = gathered_logprobs(
         student_hidden,
@@ -334,6 +426,10 @@ def tropd_loss(
         trust_draws=flat["trust_draws"],
         is_prefix=flat["is_prefix"],
         spec=spec,
+        teacher_entropy=teacher_entropy[0] if teacher_entropy else None,
+        student_entropy=entropy,
+        sequence_ids=flat["sequence_ids"],
+        stage=stage,
     )
     if records_out is not None:
         _accumulate(records_out, records)
