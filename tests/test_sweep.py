@@ -26,11 +26,12 @@ PAPER = {
     "sft_warmup": [{"sft_warmup_steps": n} for n in (15, 25, 50)],
     "veto": [{"veto_beta_start": b} for b in (0.2, 0.4, 0.6, 0.8)],
 }
-# arXiv 2606.01249, the math ablation table's rows we implement: (objective, outlier, detection, guidance).
+# arXiv 2606.01249, the math ablation table's rows: (objective, outlier, detection, guidance).
 TROPD_ROWS = {
     ("k1", "fkl", "adaptive", False),  # OPD
     ("fkl", "fkl", "adaptive", False),  # FKL alone
     ("jsd", "fkl", "adaptive", False),  # JSD
+    ("entropy_top", "fkl", "adaptive", False),  # Entropy OPD 20%
     ("trust_region", "clip", "threshold", False),  # Clip Outlier
     ("trust_region", "mask", "threshold", False),  # Mask Outlier
     ("trust_region", "fkl", "adaptive", False),  # FKL Outlier
@@ -48,7 +49,7 @@ def _swept(overrides: dict) -> dict:
 
 
 def test_grids_are_the_papers():
-    assert set(PAPER_GRIDS) == {*PAPER, "tropd"}
+    assert set(PAPER_GRIDS) == {*PAPER, "tropd", "tropd_baselines"}
     sizes = {method: len(method_points(method)) for method in PAPER_GRIDS}
     assert sizes == {
         "opd": 1,
@@ -58,7 +59,8 @@ def test_grids_are_the_papers():
         "temperature": 6,
         "sft_warmup": 3,
         "veto": 4,
-        "tropd": 9,
+        "tropd": 10,
+        "tropd_baselines": 3,
     }
     for method, expected in PAPER.items():
         points = method_points(method)
@@ -67,9 +69,17 @@ def test_grids_are_the_papers():
         assert all(p.overrides["loss_top_k"] == 16 for p in points)  # the TRB paper's loss for every method
         assert all(p.overrides["loss_top_k_estimator"] == "policy_gradient" for p in points)  # in its own form
     tropd = method_points("tropd")
-    assert {tuple(p.overrides[key] for key in TROPD_KEYS) for p in tropd} == TROPD_ROWS and len(tropd) == 9
+    assert {tuple(p.overrides[key] for key in TROPD_KEYS) for p in tropd} == TROPD_ROWS and len(tropd) == 10
     assert all(p.overrides["trainer"] == "tropd" and "loss_top_k" not in p.overrides for p in tropd)
-    assert len(sweep_points()) == 52
+    baselines = {p.name: p.overrides for p in method_points("tropd_baselines")}
+    assert {name: (o["tropd_objective"], o.get("reopold_schedule")) for name, o in baselines.items()} == {
+        "tropd_baselines-eopd": ("eopd", None),
+        "tropd_baselines-reopold": ("reopold", "single"),
+        "tropd_baselines-reopold_2stage": ("reopold", "two_stage"),
+    }
+    assert not any(o["tropd_guidance"] for o in baselines.values())
+    assert baselines["tropd_baselines-eopd"]["eopd_top_k"] == 16
+    assert len(sweep_points()) == 56
     assert {p.overrides["trb_schedule"] for p in method_points("trb")} == {"linear"}
     assert {p.overrides["trb_schedule"] for p in method_points("fixed_epsilon")} == {"constant"}
 
@@ -82,7 +92,7 @@ def test_point_names_say_the_point():
     assert "tropd-tropd" in names and "tropd-mask_guided" in names
     for point in sweep_points():  # every swept value appears in the name, in the order of the grid's axes
         assert point.name.split("-")[0] in PAPER_GRIDS
-        if point.name.startswith("tropd-"):  # ablation rows are named, not swept
+        if point.name.startswith("tropd"):  # ablation and baseline rows are named, not swept
             continue
         assert all(f"{value:g}" in point.name for value in _swept(point.overrides).values()), point
 

@@ -34,6 +34,12 @@ def _trainer(tiny_pair_dir, tmp_path, **overrides):
         ({"tropd_jsd_beta": 1.0}, r"tropd_jsd_beta must be in \(0, 1\)"),
         ({"tropd_guidance_weight": -1.0}, "tropd_guidance_weight must be"),
         ({"tropd_prefix_steps": 0}, "tropd_prefix_steps must be an integer >= 1"),
+        ({"eopd_top_k": 0}, "eopd_top_k must be an integer >= 1"),
+        ({"entropy_selection_fraction": 0.0}, r"entropy_selection_fraction must be in \(0, 1\]"),
+        ({"entropy_selection_scope": "token"}, "entropy_selection_scope must be one of"),
+        ({"reopold_mixture_weight": 1.0}, r"reopold_mixture_weight must be in \(0, 1\)"),
+        ({"reopold_schedule": "two_stage"}, r"reopold_schedule='two_stage' is REOPOLD's schedule"),
+        ({"reopold_switch_step": 10}, "reopold_switch_step=10 only applies with reopold_schedule='two_stage'"),
         ({"loss_top_k": 16}, "loss_top_k selects the TRB paper's divergence"),
         ({"veto_beta_start": 0.4}, "veto_beta_start > 0"),
         ({"sft_warmup_steps": 5}, "sft_warmup_steps > 0"),
@@ -352,6 +358,52 @@ def test_trb_warmup_with_the_tropd_loss_is_one_config(tiny_pair_dir, tmp_path):
     assert [entry["trb/epsilon"] for entry in logs] == [0.05, 0.025, 0.0, 0.0]
     assert "trb/beta/mean" in logs[0] and "trb/beta/mean" not in logs[-1]
     assert all("tropd/prefix_fraction" in entry for entry in logs)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fractions"),
+    [
+        # tau = 0: every token gets EOPD's forward-KL term (the tiny random teacher is near-uniform everywhere).
+        ({"tropd_objective": "eopd", "eopd_entropy_threshold": 0.0}, ("switched",)),
+        ({"tropd_objective": "entropy_top", "entropy_selection_scope": "sequence"}, ("selected",)),
+        # REOPOLD 2Stage behind TRB's warmup: the rollout side and the loss side are independent.
+        (
+            {
+                "tropd_objective": "reopold",
+                "reopold_schedule": "two_stage",
+                "reopold_switch_step": 2,
+                "rollout_policy": "trb",
+                "trb_epsilon": 0.05,
+                "trb_warmup_steps": 2,
+            },
+            ("selected", "clipped"),
+        ),
+    ],
+    ids=["eopd", "entropy_opd", "reopold_2stage_after_trb"],
+)
+def test_the_comparisons_baselines_train_and_log_their_token_fractions(tiny_pair_dir, tmp_path, overrides, fractions):
+    logs = _logs(_trainer(tiny_pair_dir, tmp_path, tropd_guidance=False, **overrides))
+    assert len(logs) == 4
+    for entry in logs:
+        assert torch.isfinite(torch.tensor(entry["loss"])) and "grad_norm" in entry
+        assert "tropd/trust_fraction" not in entry  # no trust region in these objectives
+        for name in fractions:
+            assert 0.0 <= entry[f"tropd/{name}_fraction"] <= 1.0
+        logged = {key.removeprefix("tropd/").removesuffix("_fraction") for key in entry if key.startswith("tropd/")}
+        assert not ({"switched", "selected", "clipped"} - set(fractions)) & logged  # only the objective's own
+    if "switched" in fractions:
+        assert all(entry["tropd/switched_fraction"] == 1.0 for entry in logs)
+    if overrides.get("reopold_schedule") == "two_stage":
+        assert [entry["reopold/exploration"] for entry in logs] == [1.0, 1.0, 0.0, 0.0]
+        assert [entry["trb/epsilon"] for entry in logs] == [0.05, 0.025, 0.0, 0.0]
+        # Exploration trains on the unclipped tokens; refinement on the top 20% by entropy.
+        assert all(
+            entry["tropd/selected_fraction"] == pytest.approx(1 - entry["tropd/clipped_fraction"])
+            for entry in logs[:2]
+        )
+        assert all(entry["tropd/selected_fraction"] < 0.5 for entry in logs[2:])
+    elif "selected" in fractions:
+        assert all(0.0 < entry["tropd/selected_fraction"] < 0.5 for entry in logs)
 
 
 def test_tropd_trainer_needs_its_config(tiny_pair_dir, tmp_path):

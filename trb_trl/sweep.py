@@ -5,10 +5,13 @@ trb-trl sweep recipes/qwen3_1p7b.yaml --output-dir sweeps/qwen3_1p7b            
 trb-trl sweep recipes/qwen3_1p7b.yaml --output-dir sweeps/qwen3_1p7b --methods skd,veto
 trb-trl train sweeps/qwen3_1p7b/qwen3_1p7b-skd-k15-tauT0.2.yaml                        # one point
 trb-trl sweep recipes/deepseek_r1_1p5b_tropd.yaml --output-dir sweeps/ds --methods tropd  # TrOPD's ablation
+trb-trl sweep recipes/deepseek_r1_1p5b_tropd.yaml --output-dir sweeps/ds --methods tropd,tropd_baselines  # + baselines
 ```
 
 The TRB paper (arXiv 2605.31159, Appendix A.2) tunes TRB and each baseline on a small grid and reports the best point
-of each; the TrOPD paper (arXiv 2606.01249) ablates its loss and guidance row by row (method `tropd`, 9 points).
+of each; the TrOPD paper (arXiv 2606.01249) ablates its loss and guidance row by row (method `tropd`, 10 points) and
+compares with EOPD, REOPOLD and REOPOLD 2Stage (method `tropd_baselines`, 3 points): `--methods tropd,tropd_baselines`
+on the DeepSeek recipe writes the paper's whole comparison.
 `PAPER_GRIDS` holds those grids; `sweep_points` turns them into `(name, overrides)` pairs, and `write_sweep`
 writes one recipe per point. A generated recipe is the base recipe with its method keys (`METHOD_KEYS`) replaced by
 the point's and `output_dir` / `run_name` named for the point, so every run of a sweep shares the base's budget, seed
@@ -63,6 +66,14 @@ METHOD_KEYS = (
     "tropd_prefix_max_length",
     "tropd_prefix_steps",
     "tropd_prefix_sampling",
+    "eopd_entropy_threshold",
+    "eopd_weight",
+    "eopd_top_k",
+    "entropy_selection_fraction",
+    "entropy_selection_scope",
+    "reopold_mixture_weight",
+    "reopold_schedule",
+    "reopold_switch_step",
 )
 NAMING_KEYS = ("output_dir", "run_name")
 
@@ -104,6 +115,14 @@ def _tropd_row(objective: str, guidance: bool, outlier: str = "fkl", detection: 
     }
 
 
+# The baselines' own constants (trb_trl/losses/opd_baselines.py, docs/tropd.md): EOPD's released code (tau 0.8 nats,
+# alpha 1, k 16); the top 20% of tokens by student entropy over the micro-batch; REOPOLD's lambda 0.3 (not confirmed:
+# REOPOLD's code is not public).
+_ENTROPY_20 = {"entropy_selection_fraction": 0.2, "entropy_selection_scope": "batch"}
+_EOPD = {"eopd_entropy_threshold": 0.8, "eopd_weight": 1.0, "eopd_top_k": 16}
+_REOPOLD = {"reopold_mixture_weight": 0.3, **_ENTROPY_20}
+
+
 # arXiv 2605.31159, Appendix A.2 (docs/baselines.md): the values the paper sweeps for each method.
 PAPER_GRIDS: dict[str, SweepMethod] = {
     "opd": SweepMethod({"rollout_policy": "student", **_TRB_LOSS}, (), "vanilla OPD: student rollouts at every step."),
@@ -142,8 +161,8 @@ PAPER_GRIDS: dict[str, SweepMethod] = {
         "Veto: student rollouts; the loss target is pi_T * pi_S^beta (student term detached), beta decaying "
         "linearly from {veto_beta_start} to 0 over the run.",
     ),
-    # arXiv 2606.01249, the math ablation table (docs/tropd.md): one point per row we implement ("Entropy OPD 20%" is
-    # not). Clip and Mask are the paper's static-threshold rows; "+ guidance" adds the teacher prefixes to a row.
+    # arXiv 2606.01249, the math ablation table (docs/tropd.md): one point per row. Clip and Mask are the paper's
+    # static-threshold rows; "+ guidance" adds the teacher prefixes to a row.
     "tropd": SweepMethod(
         _TROPD,
         (),
@@ -154,6 +173,7 @@ PAPER_GRIDS: dict[str, SweepMethod] = {
             ("opd", _tropd_row("k1", False)),
             ("fkl", _tropd_row("fkl", False)),
             ("jsd", _tropd_row("jsd", False)),
+            ("entropy_opd", {**_tropd_row("entropy_top", False), **_ENTROPY_20}),
             ("clip", _tropd_row("trust_region", False, "clip", "threshold")),
             ("mask", _tropd_row("trust_region", False, "mask", "threshold")),
             ("fkl_outlier", _tropd_row("trust_region", False)),
@@ -162,6 +182,20 @@ PAPER_GRIDS: dict[str, SweepMethod] = {
             ("tropd", _tropd_row("trust_region", True)),
         ),
         source="the TrOPD paper's ablation (arXiv 2606.01249, Table 1; trb_trl/sweep.py)",
+    ),
+    # The other loss-side baselines of its main tables (arXiv 2606.01249, Tables 2-3): without guidance, on the same
+    # student rollouts and budget as every row above.
+    "tropd_baselines": SweepMethod(
+        _TROPD,
+        (),
+        "TrOPD-comparison baseline: tropd_objective={tropd_objective}, tropd_guidance={tropd_guidance}; student "
+        "rollouts (trb_trl/losses/opd_baselines.py).",
+        points=(
+            ("eopd", {**_tropd_row("eopd", False), **_EOPD}),
+            ("reopold", {**_tropd_row("reopold", False), **_REOPOLD, "reopold_schedule": "single"}),
+            ("reopold_2stage", {**_tropd_row("reopold", False), **_REOPOLD, "reopold_schedule": "two_stage"}),
+        ),
+        source="the TrOPD paper's baselines (arXiv 2606.01249, Tables 2-3; trb_trl/sweep.py)",
     ),
 }
 

@@ -1,10 +1,12 @@
 from dataclasses import dataclass, field
 
+from .losses.token_selection import SELECTION_SCOPES
 from .rollout.teacher_prefix import PREFIX_SAMPLING
 from .trb_distill_config import ROLLOUT_POLICIES, TRBDistillConfig, _is_finite
 
 
-TROPD_OBJECTIVES = ("trust_region", "k1", "fkl", "jsd")
+TROPD_OBJECTIVES = ("trust_region", "k1", "fkl", "jsd", "eopd", "entropy_top", "reopold")
+REOPOLD_SCHEDULES = ("single", "two_stage")
 TROPD_OUTLIERS = ("fkl", "mask", "clip")
 TROPD_OUTLIER_DETECTIONS = ("adaptive", "threshold")
 
@@ -31,7 +33,10 @@ class TrOPDConfig(TRBDistillConfig):
             `tropd_outlier`. `"k1"`: every token gets the K1 term (vanilla OPD, the paper's "OPD" row). `"fkl"`:
             every token gets the top-k forward KL (the paper's "FKL alone", which collapses). `"jsd"`: the paper's
             JSD baseline (top-k forward KL to the mixture plus K1 to the mixture on the sampled token, weight
-            `tropd_jsd_beta`).
+            `tropd_jsd_beta`). The loss-side baselines of the paper's comparison (docs/tropd.md): `"eopd"` (EOPD,
+            arXiv 2603.07079: K1 plus a renormalised top-k forward KL where the teacher's entropy is high),
+            `"entropy_top"` (Entropy OPD 20%: K1 on the highest-entropy tokens only) and `"reopold"` (REOPOLD, arXiv
+            2603.11137: K1 with the reward clipped from below, on high-entropy tokens).
         tropd_outlier (`str`, *optional*, defaults to `"fkl"`):
             What an outlier token gets (`"trust_region"` only): `"fkl"` the top-k forward KL
             sum_{v in top-k(pi_T)} pi_T(v) log(pi_T(v) / pi_S(v)) (TrOPD's choice), `"mask"` no gradient, `"clip"` the
@@ -47,6 +52,31 @@ class TrOPDConfig(TRBDistillConfig):
             k of the teacher's top-k support of the forward KL (paper: 64). Memory is O(tokens x k).
         tropd_jsd_beta (`float`, *optional*, defaults to `0.5`):
             Mixture weight of the `"jsd"` objective, pi_M = beta pi_T + (1 - beta) pi_S (paper: 0.5).
+
+        > Parameters of the loss-side baselines (`tropd_objective` `"eopd"`, `"entropy_top"`, `"reopold"`)
+
+        eopd_entropy_threshold (`float`, *optional*, defaults to `0.8`):
+            EOPD's tau in nats: the forward-KL term is added on tokens where the teacher's full-vocabulary entropy is
+            >= tau (EOPD's released code: 0.8).
+        eopd_weight (`float`, *optional*, defaults to `1.0`):
+            EOPD's alpha, the weight of the forward-KL term (EOPD: 1.0).
+        eopd_top_k (`int`, *optional*, defaults to `16`):
+            EOPD's k: the forward KL runs over the teacher's top-k ids, the teacher renormalised over them (EOPD: 16).
+        entropy_selection_fraction (`float`, *optional*, defaults to `0.2`):
+            The fraction of continuation tokens, those of highest student entropy, that `"entropy_top"` and REOPOLD's
+            refinement stage train on (Entropy OPD 20%: 0.2); the loss is the mean over them.
+        entropy_selection_scope (`str`, *optional*, defaults to `"batch"`):
+            Where the top fraction is taken: `"batch"` (over the micro-batch's tokens, as the "80/20" code the
+            heuristic comes from) or `"sequence"` (within each sequence). The TrOPD paper does not say.
+        reopold_mixture_weight (`float`, *optional*, defaults to `0.3`):
+            REOPOLD's lambda in (0, 1): the reward is clipped from below at log(lambda) / (1 - lambda) (-1.72 at
+            0.3). REOPOLD's code is not public; the sources we read disagree on lambda (docs/tropd.md).
+        reopold_schedule (`str`, *optional*, defaults to `"single"`):
+            `"single"`: REOPOLD (clipping and entropy-based token sampling throughout). `"two_stage"`: REOPOLD 2Stage,
+            exploration (train on the tokens whose reward is above the floor) until `reopold_switch_step`, then
+            refinement (the entropy rule).
+        reopold_switch_step (`int`, *optional*):
+            Optimizer step at which `"two_stage"` switches to refinement; `None`: half the run (`max_steps // 2`).
 
         > Parameters that control the off-policy guidance (teacher prefixes)
 
@@ -119,6 +149,38 @@ class TrOPDConfig(TRBDistillConfig):
     tropd_jsd_beta: float = field(
         default=0.5, metadata={"help": "Mixture weight of the 'jsd' objective (paper: 0.5)."}
     )
+    eopd_entropy_threshold: float = field(
+        default=0.8, metadata={"help": "EOPD's tau: forward KL added where the teacher's entropy >= tau nats (0.8)."}
+    )
+    eopd_weight: float = field(default=1.0, metadata={"help": "EOPD's alpha, the forward-KL weight (EOPD: 1.0)."})
+    eopd_top_k: int = field(
+        default=16, metadata={"help": "EOPD's k: the teacher's top-k ids, renormalised, of its forward KL (16)."}
+    )
+    entropy_selection_fraction: float = field(
+        default=0.2,
+        metadata={"help": "Fraction of highest-student-entropy tokens 'entropy_top' and REOPOLD train on (0.2)."},
+    )
+    entropy_selection_scope: str = field(
+        default="batch",
+        metadata={
+            "help": "Top fraction over the micro-batch ('batch') or within each sequence ('sequence').",
+            "choices": list(SELECTION_SCOPES),
+        },
+    )
+    reopold_mixture_weight: float = field(
+        default=0.3, metadata={"help": "REOPOLD's lambda in (0, 1): reward floor log(lambda) / (1 - lambda)."}
+    )
+    reopold_schedule: str = field(
+        default="single",
+        metadata={
+            "help": "'single' (REOPOLD) or 'two_stage' (REOPOLD 2Stage: exploration, then refinement).",
+            "choices": list(REOPOLD_SCHEDULES),
+        },
+    )
+    reopold_switch_step: int | None = field(
+        default=None,
+        metadata={"help": "Step at which 'two_stage' switches to refinement; None: half the run (max_steps // 2)."},
+    )
     tropd_guidance: bool = field(
         default=True,
         metadata={"help": "Off-policy guidance: teacher prefixes continued by the student, annealed to none."},
@@ -159,6 +221,8 @@ class TrOPDConfig(TRBDistillConfig):
             "tropd_outlier": TROPD_OUTLIERS,
             "tropd_outlier_detection": TROPD_OUTLIER_DETECTIONS,
             "tropd_prefix_sampling": PREFIX_SAMPLING,
+            "entropy_selection_scope": SELECTION_SCOPES,
+            "reopold_schedule": REOPOLD_SCHEDULES,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -173,7 +237,26 @@ class TrOPDConfig(TRBDistillConfig):
             raise ValueError(f"tropd_jsd_beta must be in (0, 1), got {self.tropd_jsd_beta}.")
         if not (_is_finite(self.tropd_guidance_weight) and self.tropd_guidance_weight >= 0):
             raise ValueError(f"tropd_guidance_weight must be a finite number >= 0, got {self.tropd_guidance_weight}.")
-        for name in ("tropd_prefix_max_length", "tropd_prefix_steps"):
+        for name in ("eopd_entropy_threshold", "eopd_weight"):
+            if not (_is_finite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}.")
+        if not isinstance(self.eopd_top_k, int) or self.eopd_top_k < 1:
+            raise ValueError(f"eopd_top_k must be an integer >= 1 (EOPD uses 16), got {self.eopd_top_k}.")
+        if not (_is_finite(self.entropy_selection_fraction) and 0 < self.entropy_selection_fraction <= 1):
+            raise ValueError(f"entropy_selection_fraction must be in (0, 1], got {self.entropy_selection_fraction}.")
+        if not (_is_finite(self.reopold_mixture_weight) and 0 < self.reopold_mixture_weight < 1):
+            raise ValueError(f"reopold_mixture_weight must be in (0, 1), got {self.reopold_mixture_weight}.")
+        if self.reopold_schedule == "two_stage" and self.tropd_objective != "reopold":
+            raise ValueError(
+                f"reopold_schedule='two_stage' is REOPOLD's schedule, but tropd_objective={self.tropd_objective!r}; "
+                "set tropd_objective='reopold' (REOPOLD 2Stage), or reopold_schedule='single'."
+            )
+        if self.reopold_switch_step is not None and self.reopold_schedule != "two_stage":
+            raise ValueError(
+                f"reopold_switch_step={self.reopold_switch_step} only applies with reopold_schedule='two_stage'; "
+                "set that, or remove reopold_switch_step."
+            )
+        for name in ("tropd_prefix_max_length", "tropd_prefix_steps", "reopold_switch_step"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be an integer >= 1 or None, got {value}.")

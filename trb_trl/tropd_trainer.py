@@ -28,7 +28,16 @@ _RECORD_NAMES = (
     "prefix_tokens",
     "reward_sum_trusted",
     "reward_sum_outlier",
+    "selected_tokens",
+    "switched_tokens",
+    "clipped_tokens",
 )
+# The baselines' token fractions (of continuation tokens), each logged only where its objective has it.
+_BASELINE_FRACTIONS = {
+    "eopd": ("switched",),
+    "entropy_top": ("selected",),
+    "reopold": ("selected", "clipped"),
+}
 
 
 class TrOPDTrainer(TRBDistillTrainer):
@@ -48,12 +57,17 @@ class TrOPDTrainer(TRBDistillTrainer):
       run's optimizer steps, `state.max_steps`), continued by the student for at most `max_completion_length - l`
       tokens (through the parent's rollout, so a warmup `rollout_policy` such as TRB shapes the continuation).
       Prefix tokens get `tropd_guidance_weight` x the student's NLL of the teacher's token.
+    - The loss-side baselines of the paper's comparison are objectives of this trainer (`tropd_objective` `"eopd"`,
+      `"entropy_top"`, `"reopold"`), with the same rollouts, guidance and stop alignment.
 
     Stop tokens are aligned as in the parent (a teacher `<|im_end|>` in a prefix becomes the student's stop id, and
     the loss merges both models' stop mass). Logged per step: `tropd/trust_fraction`, `tropd/outlier_fraction`,
     `tropd/reward/trusted`, `tropd/reward/outlier` (mean reward of each region), `tropd/prefix_fraction` (share of
     trained tokens that are teacher prefix), all over the tokens of every micro-batch and process since the last log,
-    and `tropd/prefix_max_length`, besides the parent's metrics (`grad_norm`).
+    and `tropd/prefix_max_length`, besides the parent's metrics (`grad_norm`). The baselines add
+    `tropd/switched_fraction` (EOPD: tokens given the forward KL), `tropd/selected_fraction` (Entropy OPD, REOPOLD:
+    tokens trained on), `tropd/clipped_fraction` (REOPOLD: rewards below the floor) and `reopold/exploration` (1 in
+    REOPOLD 2Stage's first stage).
     """
 
     _tag_names = ["trl", "tropd", "trb-distill"]
@@ -93,6 +107,12 @@ class TrOPDTrainer(TRBDistillTrainer):
             top_k=args.tropd_top_k,
             jsd_beta=args.tropd_jsd_beta,
             guidance_weight=args.tropd_guidance_weight,
+            eopd_entropy_threshold=args.eopd_entropy_threshold,
+            eopd_weight=args.eopd_weight,
+            eopd_top_k=args.eopd_top_k,
+            selection_fraction=args.entropy_selection_fraction,
+            selection_scope=args.entropy_selection_scope,
+            reopold_mixture_weight=args.reopold_mixture_weight,
         )
         self._tropd_prefix_lengths: list[int] | None = None
         self._tropd_records: dict | None = None
@@ -111,6 +131,15 @@ class TrOPDTrainer(TRBDistillTrainer):
         if not self.args.tropd_guidance:
             return 0
         return cosine_prefix_length(step, self.args.prefix_max_length, self.prefix_anneal_steps)
+
+    def reopold_stage_at(self, step: int) -> str:
+        """REOPOLD's stage at optimizer step `step`: `"exploration"` before `reopold_switch_step` (default: half the
+        run) with `reopold_schedule="two_stage"`, `"refinement"` otherwise."""
+        args = self.args
+        if args.reopold_schedule != "two_stage":
+            return "refinement"
+        switch = args.reopold_switch_step or (self.state.max_steps or args.max_steps) // 2
+        return "exploration" if step < switch else "refinement"
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, has_tool_images=False):
         if not self.model.training or not self.args.tropd_guidance:
@@ -199,6 +228,9 @@ class TrOPDTrainer(TRBDistillTrainer):
     def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
         completion_ids = inputs["completion_ids"]
         records = {}
+        stage = self.reopold_stage_at(self.state.global_step)
+        if self.args.reopold_schedule == "two_stage" and self.model.training:
+            self._metrics["train"]["reopold/exploration"].append(float(stage == "exploration"))
         loss = functools.partial(
             tropd_loss,
             completion_ids=completion_ids,
@@ -207,6 +239,7 @@ class TrOPDTrainer(TRBDistillTrainer):
             spec=self._tropd_spec,
             alignment=self._trb_stop_alignment,
             records_out=records,
+            stage=stage,
         )
         with divergence_function_replaced(loss):
             result = DistillationTrainer._compute_loss(self, unwrapped_student, inputs, num_items_in_batch)
@@ -236,7 +269,8 @@ class TrOPDTrainer(TRBDistillTrainer):
         totals = dict(zip(_RECORD_NAMES, self.accelerator.gather(local[None]).sum(0).tolist(), strict=True))
         metrics = self._metrics[mode]
         continuation, prefix = totals["continuation_tokens"], totals["prefix_tokens"]
-        if continuation > 0:
+        baseline = self.args.tropd_objective in _BASELINE_FRACTIONS  # no trust region: its own fractions instead
+        if continuation > 0 and not baseline:
             metrics["tropd/trust_fraction"].append(totals["trusted_tokens"] / continuation)
             metrics["tropd/outlier_fraction"].append(totals["outlier_tokens"] / continuation)
         if totals["trusted_tokens"] > 0:
@@ -245,6 +279,9 @@ class TrOPDTrainer(TRBDistillTrainer):
             metrics["tropd/reward/outlier"].append(totals["reward_sum_outlier"] / totals["outlier_tokens"])
         if continuation + prefix > 0:
             metrics["tropd/prefix_fraction"].append(prefix / (continuation + prefix))
+        if continuation > 0:
+            for name in _BASELINE_FRACTIONS.get(self.args.tropd_objective, ()):
+                metrics[f"tropd/{name}_fraction"].append(totals[f"{name}_tokens"] / continuation)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
