@@ -333,3 +333,30 @@ def test_evaluation_on_a_missing_split_fails_before_anything_is_loaded(prompt_se
     hub = ("--dataset_name", "open-thoughts/OpenThoughts3-1.2M", "--dataset_domain", "math")
     with pytest.raises(ValueError, match=r"OpenThoughts3-1.2M has no split 'test' \(it has: train\)"):
         load_datasets(*_parse(prompts, tokenizer_dir, *hub, "--eval_strategy", "steps"))
+
+
+def test_dataset_domain_keeps_the_named_domains_in_their_proportions(tmp_path, monkeypatch):
+    """OpenThoughts3-style rows (`conversations`, `domain`): one domain, several comma-separated ones (TrOPD's
+    multi-domain prompts), and a domain no row has (a clear error naming the domains there are)."""
+    from trb_trl.prompt_data import load_prompt_dataset, parse_domains
+
+    domains = ["math", "code", "science", "puzzle"]
+    rows = [
+        {"conversations": [{"from": "human", "value": f"{domains[i % 4]} question {i}"}], "domain": domains[i % 4]}
+        for i in range(40)
+    ]
+    path = tmp_path / "ot3.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    def domains_of(dataset):
+        return {row["prompt"][-1]["content"].split()[0] for row in dataset}
+
+    assert domains_of(load_prompt_dataset(str(path), domain="math")) == {"math"}
+    mixed = load_prompt_dataset(str(path), domain="math, code,science", max_samples=30, seed=3)
+    assert len(mixed) == 30 and domains_of(mixed) == {"math", "code", "science"}
+    assert len(load_prompt_dataset(str(path), domain=["code", "science"])) == 20
+    assert parse_domains("math,math,code") == ["math", "code"] and parse_domains(None) == []
+    with pytest.raises(ValueError, match=r"names \['chemistry'\], which no row.*'code', 'math', 'puzzle', 'science'"):
+        load_prompt_dataset(str(path), domain="math,chemistry")
+    with pytest.raises(ValueError, match="names no domain"):
+        load_prompt_dataset(str(path), domain=" , ")

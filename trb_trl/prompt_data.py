@@ -2,7 +2,7 @@
 
 The trainer only needs a `prompt` column. This module turns the common layouts into one: a plain `prompt` column
 (string or chat messages), OpenThoughts3-style `conversations` (first human turn), or a `problem` / `question`
-column; optionally keeps one `domain` (OpenThoughts3 mixes math, code and science) and prepends a system prompt.
+column; optionally keeps some `domain`s (OpenThoughts3 mixes math, code and science) and prepends a system prompt.
 Long prompts are dropped *before* a random subset is drawn, so a subset has exactly the size asked for.
 """
 
@@ -40,6 +40,17 @@ def to_chat_prompt(example: dict, prompt_column: str = "prompt", system_prompt: 
     return {"prompt": messages}
 
 
+def parse_domains(domain: str | list[str] | tuple[str, ...] | None) -> list[str]:
+    """`"math"`, `"math,code,science"` or a list -> the domain names, in order, without repeats ([] for None)."""
+    if domain is None:
+        return []
+    parts = domain.split(",") if isinstance(domain, str) else list(domain)
+    names = [str(part).strip() for part in parts if str(part).strip()]
+    if not names:
+        raise ValueError(f"dataset_domain={domain!r} names no domain; e.g. 'math' or 'math,code,science'.")
+    return list(dict.fromkeys(names))
+
+
 def load_prompt_dataset(
     name_or_path: str,
     *,
@@ -47,7 +58,7 @@ def load_prompt_dataset(
     split: str = "train",
     prompt_column: str = "prompt",
     system_prompt: str | None = None,
-    domain: str | None = None,
+    domain: str | list[str] | tuple[str, ...] | None = None,
     max_samples: int | None = None,
     max_prompt_tokens: int | None = None,
     tokenizer=None,
@@ -61,16 +72,25 @@ def load_prompt_dataset(
     single split, `"train"`; asking it for another split is an error, as it is for a Hub dataset that lacks it.
     """
     dataset = load_raw_split(name_or_path, config=config, split=split)
-    if domain is not None:
+    domains = parse_domains(domain)
+    if domains:
         if "domain" not in dataset.column_names:
             raise ValueError(f"dataset_domain={domain!r} but the dataset has no 'domain' column.")
-        dataset = dataset.filter(lambda value: value == domain, input_columns="domain")
+        present = set(dataset.unique("domain"))
+        missing = [name for name in domains if name not in present]
+        if missing:
+            raise ValueError(
+                f"dataset_domain names {missing}, which no row of {name_or_path} has; its domains are "
+                f"{sorted(present, key=str)}."
+            )
+        wanted = set(domains)
+        dataset = dataset.filter(lambda value: value in wanted, input_columns="domain")
     keep = None
     if max_prompt_tokens is not None:
         if tokenizer is None:
             raise ValueError("max_prompt_tokens needs a tokenizer to measure the prompts.")
         keep = prompt_length_filter(tokenizer, max_prompt_tokens)
-    where = f"{name_or_path} (split {split!r}" + (f", domain {domain!r})" if domain is not None else ")")
+    where = f"{name_or_path} (split {split!r}" + (f", domains {', '.join(domains)})" if domains else ")")
     return select_prompts(
         dataset,
         num_prompts=max_samples,

@@ -64,7 +64,9 @@ class TRBScriptArguments(ScriptArguments):
         system_prompt (`str`, *optional*):
             System message prepended to every prompt.
         dataset_domain (`str`, *optional*):
-            Keep only rows whose `domain` column equals this (OpenThoughts3: `"math"`, `"code"`, `"science"`).
+            Keep only rows whose `domain` column is this domain, or one of these comma-separated domains
+            (OpenThoughts3: `"math"`, `"code"`, `"science"`; `"math,code,science"` is TrOPD's multi-domain prompt
+            set). The kept rows are drawn from in their dataset proportions; a domain no row has is an error.
         max_train_prompts (`int`, *optional*):
             Train on a random subset (seeded by `seed`) of exactly this many prompts, drawn after `dataset_domain`
             and `max_prompt_tokens` have filtered the split; an error if fewer remain.
@@ -88,7 +90,11 @@ class TRBScriptArguments(ScriptArguments):
     prompt_column: str = field(default="prompt", metadata={"help": "Column holding the prompt (text or messages)."})
     system_prompt: str | None = field(default=None, metadata={"help": "System message prepended to every prompt."})
     dataset_domain: str | None = field(
-        default=None, metadata={"help": "Keep only rows whose 'domain' column equals this (e.g. 'math')."}
+        default=None,
+        metadata={
+            "help": "Keep only rows whose 'domain' column is this, or one of these comma-separated domains (e.g. "
+            "'math', or 'math,code,science')."
+        },
     )
     max_train_prompts: int | None = field(
         default=None,
