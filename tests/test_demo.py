@@ -317,6 +317,9 @@ def _full_report() -> dict:
         "veto": {"veto/beta": lambda k: 0.4 * (1 - k / STEPS)},
         "sft_warmup": {},
         "tropd": {"tropd/prefix_max_length": lambda k: max(0, 8 - 2 * k), "tropd/trust_fraction": lambda k: 0.9},
+        "eopd": {"tropd/switched_fraction": lambda k: 0.2},
+        "entropy_opd": {"tropd/selected_fraction": lambda k: 0.2},
+        "reopold": {"tropd/selected_fraction": lambda k: 0.2, "tropd/clipped_fraction": lambda k: 0.05},
     }
     runs = {}
     for method, metrics in per_method.items():
@@ -360,8 +363,8 @@ def test_report_figure_puts_one_quantity_with_its_unit_on_each_axis():
     report = _full_report()
     figure = report_figure(report, metric="exact-match accuracy (greedy)")
     axes = figure.axes
-    # accuracy, one panel per method metric (7), teacher entropy, continuation probe
-    assert len(axes) == 10 and all(ax.axison for ax in axes)
+    # accuracy, one panel per method metric (10), teacher entropy, continuation probe
+    assert len(axes) == 13 and all(ax.axison for ax in axes)
     quantities = {}
     for ax in axes:
         ylabel, xlabel = ax.get_ylabel(), ax.get_xlabel()
@@ -386,6 +389,9 @@ def test_report_figure_puts_one_quantity_with_its_unit_on_each_axis():
         "veto/beta",
         "tropd/prefix_max_length",
         "tropd/trust_fraction",
+        "tropd/switched_fraction",
+        "tropd/selected_fraction",
+        "tropd/clipped_fraction",
         "rollout/teacher_entropy",
         "continuation_probe",
     }
@@ -691,7 +697,7 @@ def test_logged_per_rollout_reads_step_k_plus_one():
     assert metrics == {"trb/epsilon": [0.2, 0.1, 0.0], "trb/beta/mean": [0.9, None, None]}
 
 
-def test_the_tropd_arm_runs_on_its_own_trainer_and_is_not_in_the_default_set(tmp_path):
+def test_the_tropd_arms_run_on_their_own_trainer_and_are_not_in_the_default_set(tmp_path):
     from trb_trl import TrOPDConfig, TrOPDTrainer
 
     method = METHODS["tropd"]
@@ -712,3 +718,10 @@ def test_the_tropd_arm_runs_on_its_own_trainer_and_is_not_in_the_default_set(tmp
     )
     assert isinstance(config, TrOPDConfig) and config.tropd_guidance and config.prefix_anneal_steps == 4
     assert config.rollout_policy == "student" and config.max_steps == 10
+    # The comparison's baselines are arms of the same trainer, on request too.
+    for name, objective in (("eopd", "eopd"), ("entropy_opd", "entropy_top"), ("reopold", "reopold")):
+        assert METHODS[name].trainer_class() is TrOPDTrainer and name not in runner.DEFAULT_METHODS
+        config = runner.distillation_config(
+            name, settings, seed=0, output_dir=tmp_path, max_completion_length=12, report_to="none"
+        )
+        assert config.tropd_objective == objective and not config.tropd_guidance

@@ -62,6 +62,8 @@ def _load(path: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
+_TROPD_TRAINER, _TROPD_CONFIG = "trb_trl.tropd_trainer:TrOPDTrainer", "trb_trl.tropd_config:TrOPDConfig"
+
 METHODS: dict[str, DemoMethod] = {
     "opd": DemoMethod(
         label="vanilla OPD",
@@ -129,7 +131,7 @@ METHODS: dict[str, DemoMethod] = {
             "OPD steps, then student rollouts"
         ),
     ),
-    # Not in the default set (the 10-minute budget): `--methods opd,trb,tropd`.
+    # Not in the default set (the 10-minute budget), nor are the arms after it: `--methods opd,trb,tropd`.
     "tropd": DemoMethod(
         label="TrOPD",
         color="tab:olive",
@@ -139,8 +141,36 @@ METHODS: dict[str, DemoMethod] = {
             f"cosine-annealed to none over K={s.warmup_steps} steps"
         ),
         metrics=("tropd/prefix_max_length", "tropd/trust_fraction"),
-        trainer="trb_trl.tropd_trainer:TrOPDTrainer",
-        config="trb_trl.tropd_config:TrOPDConfig",
+        trainer=_TROPD_TRAINER,
+        config=_TROPD_CONFIG,
+    ),
+    # The loss-side baselines of TrOPD's comparison (docs/tropd.md), on student rollouts without guidance; on request.
+    "eopd": DemoMethod(
+        label="EOPD",
+        color="tab:cyan",
+        fields=lambda s: {"rollout_policy": "student", "tropd_objective": "eopd", "tropd_guidance": False},
+        describe=lambda s: "K1 plus a renormalised top-16 forward KL where the teacher's entropy is >= 0.8 nats",
+        metrics=("tropd/switched_fraction",),
+        trainer=_TROPD_TRAINER,
+        config=_TROPD_CONFIG,
+    ),
+    "entropy_opd": DemoMethod(
+        label="Entropy OPD 20%",
+        color="tab:pink",
+        fields=lambda s: {"rollout_policy": "student", "tropd_objective": "entropy_top", "tropd_guidance": False},
+        describe=lambda s: "K1 on the 20% of tokens of highest student entropy",
+        metrics=("tropd/selected_fraction",),
+        trainer=_TROPD_TRAINER,
+        config=_TROPD_CONFIG,
+    ),
+    "reopold": DemoMethod(
+        label="REOPOLD",
+        color="darkgoldenrod",
+        fields=lambda s: {"rollout_policy": "student", "tropd_objective": "reopold", "tropd_guidance": False},
+        describe=lambda s: "K1 with the reward clipped at log(0.3)/0.7, on the 20% of tokens of highest entropy",
+        metrics=("tropd/selected_fraction", "tropd/clipped_fraction"),
+        trainer=_TROPD_TRAINER,
+        config=_TROPD_CONFIG,
     ),
 }
 

@@ -37,6 +37,11 @@ QUANTITIES = {
     "veto/beta": Quantity(r"Veto: $\beta$ of the target $\pi_T \, \pi_S^\beta$", r"$\beta$ (unitless)"),
     "tropd/prefix_max_length": Quantity("TrOPD: longest teacher prefix allowed", "prefix length (tokens)"),
     "tropd/trust_fraction": Quantity("TrOPD: tokens in the trust region", "tokens (fraction)"),
+    "tropd/switched_fraction": Quantity(
+        "EOPD: tokens given the forward KL\n(teacher entropy >= tau)", "tokens (fraction)"
+    ),
+    "tropd/selected_fraction": Quantity("Entropy OPD / REOPOLD: tokens trained on", "tokens (fraction)"),
+    "tropd/clipped_fraction": Quantity("REOPOLD: rewards clipped at the floor", "tokens (fraction)"),
     TEACHER_ENTROPY: Quantity(
         "Teacher's entropy on the rollouts trained on (paper's Fig. 3)\nmean over seeds",
         "teacher entropy (nats per token)",

@@ -17,7 +17,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from .comparison import decision, paired_differences
-from .methods import METHOD_LABELS, METHODS, RunSettings, methods_argument
+from .methods import METHOD_LABELS, METHODS, DemoMethod, RunSettings, methods_argument
 from .models import default_cache_dir, heldout_accuracy, load_or_pretrain
 from .probes import continuation_probe, rollout_diagnostics, with_teacher_entropy
 from .report import RunResult, build_report, plot_report, summary_table, write_report_json
@@ -26,7 +26,8 @@ from .tasks import TASKS, DemoTask, task_argument
 
 # The task, methods and seeds of a plain `trb-trl demo` and of `--quick` (see docs/demo.md for their timings).
 DEFAULT_TASK = "machine"
-DEFAULT_METHODS = [name for name in METHODS if name != "tropd"]  # TrOPD on request: the default fits 10 minutes
+# The TRB paper's arms; TrOPD and its comparison's baselines on request (`--methods`): the default fits 10 minutes.
+DEFAULT_METHODS = [name for name, method in METHODS.items() if method.trainer == DemoMethod.trainer]
 DEFAULT_SEEDS = 3
 QUICK_METHODS = ["opd", "trb"]
 # Problems used by the step-0 probes (rollout diagnostics, continuation probe): a prefix of the evaluation set.
