@@ -1,9 +1,13 @@
-"""Math evaluation as the paper does it: pass@1 over n samples per problem, graded by math-verify.
+"""Evaluation as the papers do it: pass@1 over n samples per problem, graded by each benchmark's kind (math-verify for
+math, the answer letter for multiple choice, instruction checks, code execution).
 
 Modules, one concept each:
 
-- `benchmarks`: the paper's benchmarks (Hub id, split, columns, default sample count), its two suites, local files.
+- `benchmarks`: the registry (Hub id, split, columns, kind, default sample count), the papers' suites, local files.
 - `grading`: the last `\\boxed{}` of a completion checked against the gold answer by math-verify, under a deadline.
+- `graders`: the grader of each kind (`Grader`, `grader_for`) and each kind's default system prompt.
+- `multiple_choice`: GPQA and MMLU-Redux rows, seeded option order, lettered prompts, the answer letter.
+- `instruction_following`, `code_execution`: IFBench and LiveCodeBench rows and their graders.
 - `pass_at_k`: unbiased pass@k (Chen et al. 2021) and its mean over problems.
 - `prompts`: problems rendered as training renders prompts.
 - `sampling`: completions from HF `generate` (batched) or vLLM.
@@ -28,7 +32,10 @@ from .pass_at_k import mean_pass_at_k, pass_at_k
 # Public name -> the submodule that defines it.
 _LAZY_ATTRIBUTES = {
     "BENCHMARKS": ".benchmarks",
+    "KINDS": ".benchmarks",
     "PAPER_SUITES": ".benchmarks",
+    "TROPD_BENCHMARKS": ".benchmarks",
+    "TROPD_SUITES": ".benchmarks",
     "Benchmark": ".benchmarks",
     "BenchmarkSpec": ".benchmarks",
     "Problem": ".benchmarks",
@@ -36,6 +43,11 @@ _LAZY_ATTRIBUTES = {
     "load_benchmark": ".benchmarks",
     "parse_benchmarks": ".benchmarks",
     "AnswerChecker": ".grading",
+    "Grader": ".graders",
+    "SYSTEM_PROMPTS": ".graders",
+    "grader_for": ".graders",
+    "MultipleChoiceGrader": ".multiple_choice",
+    "extract_letter": ".multiple_choice",
     "Verdict": ".grading",
     "extract_boxed": ".grading",
     "DEFAULT_SYSTEM_PROMPT": ".prompts",
@@ -52,13 +64,21 @@ __all__ = [
     "Benchmark",
     "BenchmarkSpec",
     "DEFAULT_SYSTEM_PROMPT",
+    "Grader",
+    "KINDS",
     "MathEvalCallback",
+    "MultipleChoiceGrader",
     "PAPER_SUITES",
     "Problem",
+    "SYSTEM_PROMPTS",
+    "TROPD_BENCHMARKS",
+    "TROPD_SUITES",
     "Verdict",
     "benchmark_from_dataset",
     "evaluate",
     "extract_boxed",
+    "extract_letter",
+    "grader_for",
     "load_benchmark",
     "mean_pass_at_k",
     "parse_benchmarks",
@@ -71,7 +91,10 @@ __all__ = [
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time these come from `__getattr__`
     from .benchmarks import (
         BENCHMARKS,
+        KINDS,
         PAPER_SUITES,
+        TROPD_BENCHMARKS,
+        TROPD_SUITES,
         Benchmark,
         BenchmarkSpec,
         Problem,
@@ -80,7 +103,9 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time these come from `__
         parse_benchmarks,
     )
     from .callback import MathEvalCallback
+    from .graders import SYSTEM_PROMPTS, Grader, grader_for
     from .grading import AnswerChecker, Verdict, extract_boxed
+    from .multiple_choice import MultipleChoiceGrader, extract_letter
     from .prompts import DEFAULT_SYSTEM_PROMPT, render_prompt
     from .runner import evaluate, score_benchmarks
     from .sampling import sample_completions

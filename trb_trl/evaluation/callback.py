@@ -8,7 +8,11 @@ choice; `trb-trl eval` on the saved checkpoints gives the final numbers at the p
 Logged keys follow the Trainer's convention for evaluation metrics (`eval_loss` is shown as `eval/loss`): the row
 `eval_<benchmark>/pass@1`, `eval_math/mean_pass@1`, `eval_math/best_mean_pass@1`, `eval_math/best_step` and
 `eval_math/seconds` appears on W&B, TensorBoard and trackio as `eval/<benchmark>/pass@1`, `eval/math/mean_pass@1`, ...
-Every evaluation is also written to `output_dir/math_eval.json`.
+A benchmark whose grader reports summary metrics adds `eval_<benchmark>/<metric>` (`eval/ifbench/...`). Every
+evaluation is also written to `output_dir/math_eval.json`.
+
+Benchmarks of every kind can be scored (`graders.py`): math benchmarks are asked with `math_eval_system_prompt`, the
+others with their kind's default system prompt; code benchmarks need `math_eval_allow_code_execution`.
 """
 
 import contextlib
@@ -21,15 +25,16 @@ import time
 
 import numpy as np
 import torch
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import broadcast_object_list, gather_object
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
 from ..zero3 import gathered_without_hooks
-from .benchmarks import Benchmark, Problem, load_benchmark
-from .grading import AnswerChecker
-from .runner import score_benchmarks
+from .benchmarks import Benchmark, Problem, load_benchmark, registry_kind, thaw
+from .graders import SUMMARY_FREE_KINDS, Graders, require_code_execution
+from .grading import AnswerChecker, Verdict
+from .runner import add_summary_metrics, score_benchmarks
 
 
 logger = logging.get_logger(__name__)
@@ -37,6 +42,7 @@ logger = logging.get_logger(__name__)
 RESULTS_FILE = "math_eval.json"
 SUITE = "math"  # the suite's name in the logged keys: eval_math/mean_pass@1
 TOP_P = 1.0  # the paper's protocol (top-p 1.0, top-k off)
+CODE_EXECUTION_FIELD = "math_eval_allow_code_execution=True"
 
 
 def metric_key(name: str, metric: str) -> str:
@@ -72,16 +78,23 @@ class MathEvalCallback(TrainerCallback):
         trainer ([`~transformers.Trainer`]):
             Trainer whose student is scored; its arguments (a [`TRBDistillConfig`]) hold the `math_eval_*` settings.
         checker ([`AnswerChecker`], *optional*):
-            Answer checker to grade with; a default one is made otherwise (its parsed gold answers are kept across
-            evaluations).
+            Answer checker that grades math benchmarks; a default one is made otherwise (its parsed gold answers are
+            kept across evaluations). Other kinds are graded by their own graders (`graders.py`).
     """
 
     def __init__(self, trainer: Trainer, checker: AnswerChecker | None = None):
         self.trainer = trainer
         self.checker = checker if checker is not None else AnswerChecker()
+        self.graders = Graders(checker=self.checker)
         self.benchmarks = []
         self.evaluations: list[dict] = []
         self._last_evaluated_step: int | None = None
+        args = trainer.args
+        # Registry code benchmarks fail here, before training starts; local files once their columns are read.
+        names = getattr(args, "math_eval_benchmarks", None) or []
+        require_code_execution(
+            [(name, registry_kind(name)) for name in names], _allows_code(args), CODE_EXECUTION_FIELD
+        )
 
     # Trainer events
 
@@ -104,6 +117,7 @@ class MathEvalCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if self.evaluations:  # with save_total_limit=1 the Trainer keeps only the best checkpoint at the end
             self._write(args)
+        self.graders.close()
 
     # Results
 
@@ -135,6 +149,7 @@ class MathEvalCallback(TrainerCallback):
                 share, padding[benchmark.name] = process_share(benchmark, world, rank)
                 shares.append(share)
         start = time.perf_counter()
+        verdicts: dict[str, list[Verdict]] = {}  # this process's own samples, by benchmark
         with (
             _preserved_rng_state(accelerator.device),
             _preserved_padding(tokenizer),
@@ -148,12 +163,13 @@ class MathEvalCallback(TrainerCallback):
                 temperature=args.math_eval_temperature,
                 top_p=TOP_P,
                 max_new_tokens=args.math_eval_max_new_tokens or args.max_completion_length,
-                system_prompt=args.math_eval_system_prompt,
+                system_prompt=self._system_prompt(args),
                 batch_size=args.math_eval_batch_size
                 or args.per_device_train_batch_size * args.gradient_accumulation_steps,
                 seed=args.seed + rank,
-                checker=self.checker,
+                graders=self.graders,
                 padding=padding,
+                verdicts=verdicts,
             )["benchmarks"]
         # Per benchmark: the sum over this process's problems of c/n, and their number; summed over processes.
         totals = torch.zeros(len(shares), 2, dtype=torch.float64, device=accelerator.device)
@@ -170,6 +186,8 @@ class MathEvalCallback(TrainerCallback):
             }
             for benchmark, (pass_sum, count) in zip(self.benchmarks, totals, strict=True)
         }
+        for name, metrics in self._summary_metrics(verdicts, world).items():
+            add_summary_metrics(scores[name], metrics)
         evaluation = {
             "step": state.global_step,
             "benchmarks": scores,
@@ -179,7 +197,12 @@ class MathEvalCallback(TrainerCallback):
         self.evaluations.append(evaluation)
         self._last_evaluated_step = state.global_step
         best = self.best
-        logs = {metric_key(name, "pass@1"): score["pass@1"] for name, score in scores.items()}
+        logs = {
+            metric_key(name, metric): value
+            for name, score in scores.items()
+            for metric, value in score.items()
+            if metric not in ("num_problems", "num_samples")
+        }
         logs[metric_key(SUITE, "mean_pass@1")] = evaluation["mean_pass@1"]
         logs[metric_key(SUITE, "best_mean_pass@1")] = best["mean_pass@1"]
         logs[metric_key(SUITE, "best_step")] = best["step"]
@@ -192,6 +215,31 @@ class MathEvalCallback(TrainerCallback):
         if args.metric_for_best_model is None:  # the run's checkpoint selection is ours: protect and name the best
             state.best_metric, state.best_global_step = best["mean_pass@1"], best["step"]
         self._write(args)
+
+    def _system_prompt(self, args):
+        """`math_eval_system_prompt` for math benchmarks (the prompt as before when all are math), each other kind's
+        default for the others."""
+        if all(benchmark.kind == "math" for benchmark in self.benchmarks):
+            return args.math_eval_system_prompt
+        return {"math": args.math_eval_system_prompt}
+
+    def _summary_metrics(self, verdicts: dict[str, list[Verdict]], world: int) -> dict[str, dict[str, float]]:
+        """Each benchmark's grader's summary metrics over the verdicts of every process. The verdicts are gathered
+        only when some benchmark's kind has summary metrics; that depends on the benchmarks alone, which every process
+        holds alike, so every process enters the same gather (with its own verdicts, none on an empty share)."""
+        names = [benchmark.name for benchmark in self.benchmarks if benchmark.kind not in SUMMARY_FREE_KINDS]
+        if not names:
+            return {}
+        own = {
+            name: [(v.extracted, bool(v.correct), thaw(v.details)) for v in verdicts.get(name, ())] for name in names
+        }
+        shares = gather_object([own]) if world > 1 else [own]
+        kinds = {benchmark.name: benchmark.kind for benchmark in self.benchmarks}
+        metrics = {}
+        for name in names:
+            every = [Verdict(*verdict) for share in shares for verdict in share[name]]
+            metrics[name] = self.graders[kinds[name]].summary_metrics(every) if every else {}
+        return metrics
 
     @contextlib.contextmanager
     def _generation_model(self, args, *, synced: bool):
@@ -231,6 +279,8 @@ class MathEvalCallback(TrainerCallback):
             self.benchmarks = [
                 load_benchmark(name, max_problems=args.math_eval_max_problems) for name in args.math_eval_benchmarks
             ]
+        self.graders.allow_code_execution = _allows_code(args)
+        require_code_execution([(b.source, b.kind) for b in self.benchmarks], _allows_code(args), CODE_EXECUTION_FIELD)
         names = [benchmark.name for benchmark in self.benchmarks]
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
@@ -311,8 +361,12 @@ def process_share(
         problem_id = f"padding-{index}"
         while problem_id in ids:
             problem_id = f"_{problem_id}"
-        padding.append(Problem(problem_id, template.problem, template.answer))
+        padding.append(dataclasses.replace(template, id=problem_id))
     return dataclasses.replace(benchmark, problems=share), tuple(padding)
+
+
+def _allows_code(args) -> bool:
+    return bool(getattr(args, "math_eval_allow_code_execution", False))
 
 
 @contextlib.contextmanager

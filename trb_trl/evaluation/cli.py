@@ -1,34 +1,47 @@
-"""`trb-trl eval`: score a model or checkpoint on math benchmarks, or compare the evaluations of several runs.
+"""`trb-trl eval`: score a model or checkpoint on benchmarks, or compare the evaluations of several runs.
 
 ```bash
 trb-trl eval Qwen/Qwen3-1.7B-Base --benchmarks qwen3_1p7b                   # the paper's suite, its sample counts
 trb-trl eval runs/trb/checkpoint-100 --benchmarks math500,aime24 --n 16 --k 1,8
 trb-trl eval runs/trb/checkpoint-100 --benchmarks problems.jsonl --max-problems 50
+trb-trl eval runs/tropd/checkpoint-200 --benchmarks tropd_qwen3 --allow-code-execution   # TrOPD's multi-domain table
 trb-trl eval --compare runs/trb runs/opd runs/skd --output-dir comparisons/trb_vs_baselines
 ```
 
 Argument parsing imports nothing beyond the standard library, so `--help` answers at once; bad input (an unknown
-benchmark, a missing answer column, n < k, settings that differ from an interrupted run's) is one
-`trb-trl eval: error: ...` line and exit status 2, before any model is loaded.
+benchmark, a missing answer column, n < k, a code benchmark without --allow-code-execution, a gated dataset this
+machine cannot read, settings that differ from an interrupted run's) is one `trb-trl eval: error: ...` line and exit
+status 2, before any model is loaded.
 """
 
 import argparse
 import sys
 
-from .benchmarks import BENCHMARKS, LOCAL_NUM_SAMPLES, PAPER_SUITES
-from .prompts import DEFAULT_SYSTEM_PROMPT
+from .benchmarks import (
+    BENCHMARKS,
+    KINDS,
+    LOCAL_LAYOUTS,
+    LOCAL_NUM_SAMPLES,
+    PAPER_SUITES,
+    TROPD_BENCHMARKS,
+    TROPD_SUITES,
+)
+from .graders import SYSTEM_PROMPTS
 
 
 PROG = "trb-trl eval"
 
 DESCRIPTION = """\
-Score a model or checkpoint on math benchmarks: n samples per problem, the last \\boxed{{}} graded by math-verify,
-pass@1 (mean c/n over problems) and unbiased pass@k. Writes OUTPUT_DIR/results.json and OUTPUT_DIR/samples.jsonl;
-rerun the same command to resume an interrupted evaluation.
+Score a model or checkpoint on benchmarks: n samples per problem, each graded by its benchmark's kind, pass@1 (mean
+c/n over problems) and unbiased pass@k. Writes OUTPUT_DIR/results.json and OUTPUT_DIR/samples.jsonl; rerun the same
+command to resume an interrupted evaluation.
 
-Benchmarks (the paper's default n): {benchmarks}.
+Kinds: {kinds}.
+
+Benchmarks (the TRB paper's default n): {benchmarks}.
+TrOPD benchmarks (kind, default n): {tropd}.
 Suites: {suites}.
-Or a local .jsonl/.json/.parquet/.csv file with `problem` and `answer` columns (default n {local_n}).
+Or a local .jsonl/.json/.parquet/.csv file with the columns of one kind (default n {local_n}): {layouts}.
 
 With --compare, plot pass@1 against optimizer step for several training runs (their in-training evaluations and
 their evaluated checkpoints, RUN/checkpoint-STEP/eval/results.json) into OUTPUT_DIR/pass_at_1.png and
@@ -36,12 +49,29 @@ OUTPUT_DIR/comparison.md.
 """
 
 
+KIND_HELP = {
+    "math": "the last \\boxed{} graded by math-verify",
+    "multiple_choice": "lettered options; the letter in the last \\boxed{}, or an 'Answer: X' line",
+    "instruction_following": "the response checked against each prompt's verifiable instructions",
+    "code": "the program run on the problem's tests; needs --allow-code-execution",
+}
+
+
 def _description() -> str:
     return DESCRIPTION.format(
+        kinds="; ".join(f"{kind} ({KIND_HELP[kind]})" for kind in KINDS),
         benchmarks=", ".join(f"{name} ({spec.num_samples})" for name, spec in BENCHMARKS.items()),
-        suites="; ".join(f"{name} = {','.join(members)}" for name, members in PAPER_SUITES.items()),
+        tropd=", ".join(f"{name} ({spec.kind}, {spec.num_samples})" for name, spec in TROPD_BENCHMARKS.items()),
+        suites="; ".join(
+            f"{name} = {','.join(members)}" for name, members in {**PAPER_SUITES, **TROPD_SUITES}.items()
+        ),
         local_n=LOCAL_NUM_SAMPLES,
+        layouts="; ".join(f"{spec.kind}: {', '.join(layout)}" for layout, spec in LOCAL_LAYOUTS),
     )
+
+
+def _shown(prompt: str | None) -> str:
+    return "none" if prompt is None else f'"{prompt}"'.replace("%", "%%")
 
 
 def _error(message: object) -> int:
@@ -74,7 +104,10 @@ def make_parser() -> argparse.ArgumentParser:
         help="Comma-separated benchmark names, suite names or local files (e.g. math500,aime24 or qwen3_1p7b).",
     )
     parser.add_argument(
-        "--n", type=int, default=None, help="Samples per problem (default: each benchmark's paper default)."
+        "--n",
+        type=int,
+        default=None,
+        help="Samples per problem (default: each benchmark's own, the papers' where they give one).",
     )
     parser.add_argument(
         "--k",
@@ -94,9 +127,11 @@ def make_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--system-prompt",
-        default=DEFAULT_SYSTEM_PROMPT,
+        default=None,
         metavar="TEXT",
-        help="System prompt, as in training (default: \"%(default)s\"). Pass '' for none.",
+        help="System prompt of every benchmark; pass '' for none. Default: each kind's own: "
+        + "; ".join(f"{kind} {_shown(prompt)}" for kind, prompt in SYSTEM_PROMPTS.items())
+        + ". Keep the training prompts' system message for math.",
     )
     parser.add_argument(
         "--max-problems",
@@ -120,6 +155,12 @@ def make_parser() -> argparse.ArgumentParser:
         choices=["auto", "hf", "vllm"],
         default="auto",
         help="Generation engine; auto = vLLM when installed with a CUDA device, else HF generate.",
+    )
+    parser.add_argument(
+        "--allow-code-execution",
+        action="store_true",
+        help="Allow grading code benchmarks (livecodebench_v6, local code files), which runs the programs the model "
+        "writes on this machine. Without it, a code benchmark is an error before any model loads.",
     )
     parser.add_argument(
         "--output-dir",
@@ -171,11 +212,12 @@ def main(argv: list[str] | None = None) -> int:
             temperature=args.temperature,
             top_p=args.top_p,
             max_new_tokens=args.max_new_tokens,
-            system_prompt=args.system_prompt or None,
+            system_prompt=SYSTEM_PROMPTS if args.system_prompt is None else (args.system_prompt or None),
             seed=args.seed,
             batch_size=args.batch_size,
             max_problems=args.max_problems,
             engine=args.engine,
+            allow_code_execution=args.allow_code_execution,
         )
     except (ValueError, OSError) as error:
         return _error(error)

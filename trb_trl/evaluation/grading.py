@@ -27,7 +27,10 @@ import sys
 import threading
 import time
 import weakref
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from .benchmarks import FrozenMapping
 
 
 _BOX_COMMAND = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
@@ -82,8 +85,15 @@ def _box_content(text: str, start: int) -> str | None:
 class Verdict:
     """One graded completion."""
 
-    extracted: str | None  # the boxed answer found in the completion (None: nothing to grade, so incorrect)
+    extracted: str | None  # the answer found in the completion (None: nothing to grade, so incorrect)
     correct: bool
+    # What a kind's grader reports beyond right or wrong (instruction following: which instructions were followed),
+    # read-only and small: it is written into samples.jsonl and its grader's `summary_metrics` reads it back.
+    details: Mapping = field(default_factory=FrozenMapping, hash=False)
+
+    def __post_init__(self):
+        if not isinstance(self.details, FrozenMapping):
+            object.__setattr__(self, "details", FrozenMapping(self.details))
 
 
 class AnswerChecker:

@@ -1,4 +1,4 @@
-"""Scoring a model on math benchmarks: sample `n` completions per problem, grade them, report pass@1 and pass@k.
+"""Scoring a model on benchmarks: sample `n` completions per problem, grade them, report pass@1 and pass@k.
 
 Two entry points share one loop (`run_benchmark`):
 
@@ -15,8 +15,13 @@ batches gives the samples the uninterrupted run would have.
 
 pass@1 is the mean over problems of c/n (c correct of n samples); pass@k is the unbiased estimator of Chen et al.
 (2021) for each k <= n. The suite mean is the unweighted mean over benchmarks, as the paper's "Avg" column.
+
+Each benchmark is graded by the grader of its kind (`graders.py`: math-verify for math, the answer letter for multiple
+choice, ...), whose `summary_metrics` join that benchmark's scores; a sample's `details` go into its samples.jsonl line.
+Each kind has its own default system prompt (`graders.SYSTEM_PROMPTS`) unless one prompt is given for all.
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -27,10 +32,11 @@ from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 
-from .benchmarks import Benchmark, Problem, load_benchmark, parse_benchmarks
-from .grading import AnswerChecker
+from .benchmarks import Benchmark, Problem, load_benchmark, parse_benchmarks, registry_kind, thaw
+from .graders import SYSTEM_PROMPTS, Grader, Graders, grader_for, require_code_execution, system_prompt_for
+from .grading import AnswerChecker, Verdict
 from .pass_at_k import mean_pass_at_k
-from .prompts import DEFAULT_SYSTEM_PROMPT, has_chat_template, render_prompt
+from .prompts import has_chat_template, render_prompt
 from .sampling import HFSampler, Sampler, SampleRequest, as_completion, derive_seed, make_sampler, resolve_engine
 
 
@@ -40,8 +46,12 @@ SAMPLES_FILE = "samples.jsonl"
 DEFAULT_BATCH_SIZE = {"hf": 32, "vllm": 1024}
 # Settings that may differ between an interrupted run and its restart: pass@k is recomputed from the samples.
 RESUMABLE_CHANGES = ("k",)
+# A problem's metadata goes into each of its samples.jsonl lines only up to this many characters of JSON (the option
+# order of a multiple-choice problem, yes; the tests of a code problem, no).
+SAMPLE_METADATA_LIMIT = 1000
 
 Key = tuple[str, int]  # (problem id, sample index)
+SystemPrompt = str | None | Mapping[str, str | None]  # one prompt for every benchmark, or one per kind
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -60,23 +70,42 @@ def run_benchmark(
     num_samples: int,
     prompts: dict[str, str],
     sampler: Sampler,
-    checker: AnswerChecker,
     batch_size: int,
     seed: int,
+    checker: AnswerChecker | None = None,
+    grader: Grader | None = None,
     done: dict[Key, dict] | None = None,
     on_batch=None,
     progress: bool = True,
 ) -> dict[Key, dict]:
     """Sample and grade every `(problem, sample)` pair not in `done`; return all records, keyed by pair.
 
-    `prompts` maps problem ids to rendered prompts. `on_batch(records)` is called with each batch's new records (the
-    runner appends them to `samples.jsonl`). A batch whose records are all in `done` is skipped; one with some
-    missing samples only those, still with the batch's seed.
+    `prompts` maps problem ids to rendered prompts. Samples are graded by `grader`, by default a new one of the
+    benchmark's kind (a math benchmark's wraps `checker` when given). `on_batch(records)` is called with each batch's
+    new records (the runner appends them to `samples.jsonl`). A batch whose records are all in `done` is skipped; one
+    with some missing samples only those, still with the batch's seed.
     """
+    if grader is None:
+        grader = grader_for(benchmark.kind, **({"checker": checker} if checker and benchmark.kind == "math" else {}))
+        try:
+            return run_benchmark(
+                benchmark,
+                num_samples=num_samples,
+                prompts=prompts,
+                sampler=sampler,
+                batch_size=batch_size,
+                seed=seed,
+                grader=grader,
+                done=done,
+                on_batch=on_batch,
+                progress=progress,
+            )
+        finally:
+            grader.close()
     from tqdm.auto import tqdm
 
     records = dict(done or {})
-    answers = {problem.id: problem.answer for problem in benchmark.problems}
+    problems = {problem.id: problem for problem in benchmark.problems}
     batches = sample_batches(benchmark, num_samples, batch_size)
     missing = sum(key not in records for batch in batches for key in batch)
     bar = tqdm(total=missing, desc=benchmark.name, unit="sample", disable=not progress or missing == 0, leave=False)
@@ -90,21 +119,28 @@ def run_benchmark(
         completions = sampler(requests, derive_seed(seed, benchmark.name, "batch", number))
         if len(completions) != len(requests):
             raise RuntimeError(f"the sampler returned {len(completions)} completions for {len(requests)} requests")
+        completions = [as_completion(completion) for completion in completions]
+        verdicts = _check_all(
+            grader, [(problems[problem_id], c.text) for (problem_id, _), c in zip(todo, completions)]
+        )
         new = []
-        for (problem_id, index), completion in zip(todo, completions):
-            completion = as_completion(completion)
-            verdict = checker.check(answers[problem_id], completion.text)
+        for (problem_id, index), completion, verdict in zip(todo, completions, verdicts, strict=True):
             record = {
                 "benchmark": benchmark.name,
                 "problem_id": problem_id,
                 "sample": index,
-                "answer": answers[problem_id],
+                "answer": problems[problem_id].answer,
                 "extracted": verdict.extracted,
                 "correct": bool(verdict.correct),
                 "num_tokens": completion.num_tokens,
                 "finished": completion.finished,
-                "completion": completion.text,
             }
+            if verdict.details:
+                record["details"] = thaw(verdict.details)
+            metadata = _sample_metadata(problems[problem_id])
+            if metadata is not None:
+                record["metadata"] = metadata
+            record["completion"] = completion.text
             records[(problem_id, index)] = record
             new.append(record)
         if on_batch is not None:
@@ -114,13 +150,42 @@ def run_benchmark(
     return records
 
 
+def _sample_metadata(problem: Problem) -> dict | None:
+    """A problem's metadata as plain JSON when it is small, else None."""
+    if not problem.metadata:
+        return None
+    plain = thaw(problem.metadata)
+    try:
+        return plain if len(json.dumps(plain)) <= SAMPLE_METADATA_LIMIT else None
+    except TypeError:  # not JSON-serialisable
+        return None
+
+
+def _check_all(grader: Grader, pairs: list[tuple[Problem, str]]) -> list[Verdict]:
+    """The verdicts of a batch's samples: by the grader's `check_many` when it has one (the code grader runs several
+    programs at once), else one `check` at a time."""
+    check_many = getattr(grader, "check_many", None)
+    if check_many is not None:
+        return list(check_many(pairs))
+    return [grader.check(problem, text) for problem, text in pairs]
+
+
 def correct_counts(benchmark: Benchmark, records: dict[Key, dict], num_samples: int) -> list[int]:
     """c per problem: how many of its `num_samples` samples are correct."""
     return [sum(records[(p.id, index)]["correct"] for index in range(num_samples)) for p in benchmark.problems]
 
 
-def benchmark_scores(benchmark: Benchmark, records: dict[Key, dict], num_samples: int, ks=(1,)) -> dict:
-    """pass@1 (mean c/n) and pass@k for each k in `ks`, plus the sample statistics recorded in results.json."""
+def verdicts_of(benchmark: Benchmark, records: dict[Key, dict], num_samples: int) -> list[Verdict]:
+    """The verdicts of a benchmark's samples, problem by problem, as their records hold them."""
+    samples = [records[(p.id, index)] for p in benchmark.problems for index in range(num_samples)]
+    return [Verdict(r["extracted"], bool(r["correct"]), r.get("details") or {}) for r in samples]
+
+
+def benchmark_scores(
+    benchmark: Benchmark, records: dict[Key, dict], num_samples: int, ks=(1,), grader: Grader | None = None
+) -> dict:
+    """pass@1 (mean c/n) and pass@k for each k in `ks`, plus the sample statistics recorded in results.json and, with
+    `grader`, its `summary_metrics` of the benchmark's verdicts."""
     counts = correct_counts(benchmark, records, num_samples)
     scores = {"pass@1": sum(c / num_samples for c in counts) / len(counts)}
     for k in ks:
@@ -129,7 +194,7 @@ def benchmark_scores(benchmark: Benchmark, records: dict[Key, dict], num_samples
     samples = [records[(p.id, index)] for p in benchmark.problems for index in range(num_samples)]
     lengths = [r["num_tokens"] for r in samples if r.get("num_tokens") is not None]
     finished = [r["finished"] for r in samples if r.get("finished") is not None]
-    return {
+    scores = {
         **scores,
         "num_problems": len(counts),
         "num_samples": num_samples,
@@ -138,6 +203,17 @@ def benchmark_scores(benchmark: Benchmark, records: dict[Key, dict], num_samples
         "truncated": (1 - sum(finished) / len(finished)) if finished else None,
         "mean_completion_tokens": sum(lengths) / len(lengths) if lengths else None,
     }
+    if grader is not None:
+        add_summary_metrics(scores, grader.summary_metrics(verdicts_of(benchmark, records, num_samples)))
+    return scores
+
+
+def add_summary_metrics(scores: dict, metrics: Mapping[str, float]) -> None:
+    """Add a grader's summary metrics to a benchmark's scores; a name the scores already use is an error."""
+    clash = sorted(set(metrics) & set(scores))
+    if clash:
+        raise RuntimeError(f"summary metrics {clash} would overwrite the scores of the same names")
+    scores.update({name: float(value) for name, value in metrics.items()})
 
 
 def _check_counts(benchmarks: list[Benchmark], num_samples: dict[str, int], ks: list[int]) -> None:
@@ -163,18 +239,24 @@ def score_benchmarks(
     temperature: float,
     top_p: float,
     max_new_tokens: int,
-    system_prompt: str | None,
+    system_prompt: SystemPrompt,
     batch_size: int,
     seed: int,
     checker: AnswerChecker | None = None,
     progress: bool = False,
     sampler: Sampler | None = None,
     padding: Mapping[str, Sequence[Problem]] | None = None,
+    graders: Graders | None = None,
+    verdicts: dict[str, list[Verdict]] | None = None,
 ) -> dict:
     """Score `model` (in memory, HF `generate`) on `benchmarks`; write nothing.
 
-    `num_samples=None` uses each benchmark's default n. Returns
-    `{"benchmarks": {name: {"pass@1", "num_problems", "num_samples", ...}}, "mean": mean pass@1 over benchmarks}`.
+    `num_samples=None` uses each benchmark's default n. `system_prompt` is one prompt for every benchmark (None: none)
+    or a mapping of kinds to prompts (kinds it lacks get their default, `graders.SYSTEM_PROMPTS`). Each benchmark is
+    graded by its kind's grader from `graders` (a new set, closed afterwards, when not given; a math benchmark's
+    wraps `checker`). Returns `{"benchmarks": {name: {"pass@1", "num_problems", "num_samples", ..., and the grader's
+    summary metrics}}, "mean": mean pass@1 over benchmarks}`; `verdicts`, when given, is filled with each benchmark's
+    verdicts of its own samples (the in-training callback combines them across processes).
     Sampling uses its own seeded random streams, so scoring inside a training run does not change the run. `sampler`
     replaces the model's sampler (tests).
 
@@ -186,28 +268,39 @@ def score_benchmarks(
     sampled = [_padded(benchmark, padding.get(benchmark.name, ())) for benchmark in benchmarks]
     counts = {b.name: num_samples or b.num_samples for b in benchmarks}
     _check_counts(sampled, counts, [])
-    checker = checker or AnswerChecker()
+    own_graders = graders is None
+    if own_graders:
+        graders = Graders(checker=checker)
     if sampler is None:
         sampler = HFSampler(model, tokenizer, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
     results = {}
-    for benchmark, padded in zip(benchmarks, sampled, strict=True):
-        start = time.perf_counter()
-        prompts = {p.id: render_prompt(tokenizer, p.problem, system_prompt) for p in padded.problems}
-        records = run_benchmark(
-            padded,
-            num_samples=counts[benchmark.name],
-            prompts=prompts,
-            sampler=sampler,
-            checker=checker,
-            batch_size=batch_size,
-            seed=seed,
-            progress=progress,
-        )
-        if benchmark.problems:  # graded on its own problems only: the padding's records are dropped
-            results[benchmark.name] = benchmark_scores(benchmark, records, counts[benchmark.name])
-        else:
-            results[benchmark.name] = {"pass@1": None, "num_problems": 0, "num_samples": counts[benchmark.name]}
-        results[benchmark.name]["seconds"] = time.perf_counter() - start
+    try:
+        for benchmark, padded in zip(benchmarks, sampled, strict=True):
+            start = time.perf_counter()
+            prompt = system_prompt_for(benchmark.kind, system_prompt)
+            prompts = {p.id: render_prompt(tokenizer, p.problem, prompt) for p in padded.problems}
+            n = counts[benchmark.name]
+            grader = graders[benchmark.kind]
+            records = run_benchmark(
+                padded,
+                num_samples=n,
+                prompts=prompts,
+                sampler=sampler,
+                grader=grader,
+                batch_size=batch_size,
+                seed=seed,
+                progress=progress,
+            )
+            if benchmark.problems:  # graded on its own problems only: the padding's records are dropped
+                results[benchmark.name] = benchmark_scores(benchmark, records, n, grader=grader)
+            else:
+                results[benchmark.name] = {"pass@1": None, "num_problems": 0, "num_samples": n}
+            if verdicts is not None:
+                verdicts[benchmark.name] = verdicts_of(benchmark, records, n)
+            results[benchmark.name]["seconds"] = time.perf_counter() - start
+    finally:
+        if own_graders:
+            graders.close()
     return {"benchmarks": results, "mean": suite_mean(results, "pass@1")}
 
 
@@ -245,9 +338,11 @@ class EvaluationPlan:
     engine: str
     batch_size: int
     settings: dict
-    prompt_format: str
+    prompt_format: str | dict[str, str]  # one format, or one per benchmark when their system prompts differ
     done: dict[str, dict[Key, dict]] = field(default_factory=dict)
     previous: dict = field(default_factory=dict)  # the interrupted run's results.json
+    system_prompts: dict[str, str | None] = field(default_factory=dict)  # by benchmark name
+    allow_code_execution: bool = False
 
     @property
     def missing(self) -> int:
@@ -266,7 +361,7 @@ def default_output_dir(model_name_or_path: str) -> Path:
 
 def _fingerprint(benchmark: Benchmark) -> str:
     """A hash of the problems, so a restart notices a dataset that changed under it."""
-    rows = [[p.id, p.problem, p.answer] for p in benchmark.problems]
+    rows = [[p.id, p.problem, p.answer, *([thaw(p.metadata)] if p.metadata else [])] for p in benchmark.problems]
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
 
 
@@ -287,21 +382,25 @@ def prepare_evaluation(
     temperature: float = 1.0,
     top_p: float = 1.0,
     max_new_tokens: int = 8192,
-    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+    system_prompt: SystemPrompt = SYSTEM_PROMPTS,
     seed: int = 0,
     batch_size: int | None = None,
     max_problems: int | None = None,
     engine: str = "auto",
+    allow_code_execution: bool = False,
 ) -> EvaluationPlan:
     """Check the arguments, load the benchmarks and the tokenizer, and read what an earlier run left in `output_dir`.
 
     Everything that can be wrong with the input raises here (`ValueError`, or `OSError` for a model or file that
-    cannot be read), before any model is loaded: an unknown benchmark, a missing answer column, n < k, settings that
-    differ from the interrupted run's.
+    cannot be read), before any model is loaded: an unknown benchmark, a missing answer column, n < k, a code
+    benchmark without `allow_code_execution`, settings that differ from the interrupted run's. `system_prompt` is one
+    prompt for every benchmark (None: none) or a mapping of kinds to prompts (by default each kind's own).
     """
     from transformers import AutoTokenizer
 
     names = parse_benchmarks(benchmarks if isinstance(benchmarks, str) else ",".join(benchmarks))
+    # Before anything is downloaded; local files are checked once their columns have named their kind.
+    require_code_execution([(name, registry_kind(name)) for name in names], allow_code_execution)
     ks = _parse_ks(k)
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}.")
@@ -317,6 +416,7 @@ def prepare_evaluation(
         raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
 
     loaded = [load_benchmark(name, max_problems=max_problems) for name in names]
+    require_code_execution([(b.source, b.kind) for b in loaded], allow_code_execution)
     seen: dict[str, str] = {}
     for benchmark in loaded:
         if benchmark.name in seen:
@@ -328,6 +428,7 @@ def prepare_evaluation(
     counts = {b.name: num_samples or b.num_samples for b in loaded}
     _check_counts(loaded, counts, ks)
 
+    system_prompts = {b.name: system_prompt_for(b.kind, system_prompt) for b in loaded}
     tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
     model_path = Path(model_name_or_path)
     settings = {
@@ -347,7 +448,7 @@ def prepare_evaluation(
         "top_p": top_p,
         "top_k": -1,  # disabled, as in the paper
         "max_new_tokens": max_new_tokens,
-        "system_prompt": system_prompt,
+        "system_prompt": _one_or_each(system_prompts),
         "chat_template": has_chat_template(tokenizer),
         "seed": seed,
         "batch_size": batch_size,
@@ -365,10 +466,20 @@ def prepare_evaluation(
         engine=engine,
         batch_size=batch_size,
         settings=settings,
-        prompt_format=render_prompt(tokenizer, "{problem}", system_prompt),
+        prompt_format=_one_or_each(
+            {name: render_prompt(tokenizer, "{problem}", prompt) for name, prompt in system_prompts.items()}
+        ),
+        system_prompts=system_prompts,
+        allow_code_execution=allow_code_execution,
     )
     _read_previous_run(plan)
     return plan
+
+
+def _one_or_each(values: dict[str, object]):
+    """The value shared by every benchmark, or the mapping of benchmark names to values when they differ."""
+    distinct = list(dict.fromkeys(json.dumps(value) for value in values.values()))
+    return next(iter(values.values())) if len(distinct) == 1 else dict(values)
 
 
 def _settings_differences(previous: dict, current: dict) -> list[str]:
@@ -494,8 +605,8 @@ def run_evaluation(
             max_new_tokens=plan.settings["max_new_tokens"],
             seed=plan.settings["seed"],
         )
-    checker = checker or AnswerChecker()
-    with open(plan.output_dir / SAMPLES_FILE, "a") as samples_file:
+    graders = Graders(checker=checker, allow_code_execution=plan.allow_code_execution)
+    with open(plan.output_dir / SAMPLES_FILE, "a") as samples_file, contextlib.closing(graders):
 
         def append(records: list[dict]) -> None:
             samples_file.write("".join(json.dumps(record) + "\n" for record in records))
@@ -504,23 +615,22 @@ def run_evaluation(
         for benchmark in plan.benchmarks:
             benchmark_start = time.perf_counter()
             done = plan.done.get(benchmark.name, {})
-            prompts = {
-                p.id: render_prompt(plan.tokenizer, p.problem, plan.settings["system_prompt"])
-                for p in benchmark.problems
-            }
+            system_prompt = plan.system_prompts.get(benchmark.name, plan.settings["system_prompt"])
+            prompts = {p.id: render_prompt(plan.tokenizer, p.problem, system_prompt) for p in benchmark.problems}
+            grader = graders[benchmark.kind]
             records = run_benchmark(
                 benchmark,
                 num_samples=plan.num_samples[benchmark.name],
                 prompts=prompts,
                 sampler=sampler,
-                checker=checker,
+                grader=grader,
                 batch_size=plan.batch_size,
                 seed=plan.settings["seed"],
                 done=done,
                 on_batch=append,
                 progress=progress,
             )
-            scores = benchmark_scores(benchmark, records, plan.num_samples[benchmark.name], plan.ks)
+            scores = benchmark_scores(benchmark, records, plan.num_samples[benchmark.name], plan.ks, grader)
             seconds = previous_benchmarks.get(benchmark.name, {}).get("seconds", 0.0)
             scores["seconds"] = seconds + time.perf_counter() - benchmark_start
             scores["source"] = benchmark.source
@@ -552,7 +662,7 @@ def evaluate(
     """Evaluate a model or checkpoint on `benchmarks` (names, suite names or local files; a list, or one
     comma-separated string): `prepare_evaluation(model_name_or_path, benchmarks, **settings)` (its keyword arguments:
     output_dir, num_samples, k, temperature, top_p, max_new_tokens, system_prompt, seed, batch_size, max_problems,
-    engine), then `run_evaluation`. Returns the contents of results.json."""
+    engine, allow_code_execution), then `run_evaluation`. Returns the contents of results.json."""
     plan = prepare_evaluation(model_name_or_path, benchmarks, **settings)
     return run_evaluation(plan, sampler=sampler, checker=checker, progress=progress, stream=stream)
 
