@@ -166,7 +166,7 @@ def make_parser() -> argparse.ArgumentParser:
     arithmetic.add_argument("--prompt-tokens", type=int, default=1024, help="Prompt length (1024).")
     arithmetic.add_argument("--completion-tokens", type=int, default=7168, help="max_completion_length (7168).")
     arithmetic.add_argument(
-        "--chunk", type=int, default=8, help="Sequences per TRB generate call, trb_generation_batch_size (8)."
+        "--chunk", type=int, default=8, help="Sequences per TRB generate call, rollout_generation_batch_size (8)."
     )
     arithmetic.add_argument(
         "--generation-batch",

@@ -19,7 +19,7 @@ lm_heads padded by 8 rows) and a Qwen3-1.7B-shaped student with a Qwen3-8B-shape
 1. `gpu_tests`: the GPU-marked tests (`pytest -m gpu`), in a subprocess.
 2. `rollout_bench`: `scripts/bench_rollout.py`'s `run_shape` on CUDA in bf16, quarter-depth Qwen3 pair: student
    alone, teacher alone, processor TRB (and epsilon = 0), speculative TRB at epsilon 0.02 / gamma 6 and 0.002 / gamma 16;
-   batch 8 (the recipes' `trb_generation_batch_size`) and batch 2 (where the speculative floors apply), 128 tokens.
+   batch 8 (the recipes' `rollout_generation_batch_size`) and batch 2 (where the speculative floors apply), 128 tokens.
 3. `bf16_training_sdpa`, `bf16_training_flash_attention_2`: `TRBDistillTrainer` in bf16 on the tiny pair, 3 steps
    across the warmup boundary (K = 2), with each rollout engine (processor, speculative): finite losses, beta logged
    during warmup, epsilon 0 and no beta after, every parameter updated, the attention implementation really used;

@@ -5,7 +5,8 @@ import pytest
 import torch
 from reference import blend_row_reference
 
-from trb_trl import blending, trust_region_blend
+from trb_trl import trust_region_blend
+from trb_trl.rollout import blending
 
 
 def _random_pair(batch, vocab, seed, scale=3.0, correlation=0.5):
@@ -293,3 +294,13 @@ def test_fixed_iteration_count_of_accelerators_gives_the_same_blend(monkeypatch)
         fixed = _assert_matches_reference(student, teacher, epsilon, temperature)
         monkeypatch.setattr(blending, "_STOP_EARLY_ON_CPU", True)
         torch.testing.assert_close(fixed.beta, early.beta, atol=1e-5, rtol=0)
+
+
+def test_the_old_module_path_still_imports_with_a_warning():
+    import importlib
+    import sys
+
+    sys.modules.pop("trb_trl.blending", None)
+    with pytest.warns(FutureWarning, match="moved to trb_trl.rollout.blending"):
+        old = importlib.import_module("trb_trl.blending")
+    assert old.trust_region_blend is trust_region_blend

@@ -426,9 +426,9 @@ def test_grader_for_each_kind():
 
 
 def test_a_missing_kind_module_is_a_clear_import_error(monkeypatch):
-    from trb_trl.evaluation import graders
+    from trb_trl.evaluation import kinds
 
-    monkeypatch.setitem(graders.KIND_MODULES, "instruction_following", "no_such_module_here")
+    monkeypatch.setitem(kinds.KIND_MODULES, "instruction_following", "no_such_module_here")
     with pytest.raises(ImportError, match="instruction_following benchmarks are read and graded by .*no_such_module"):
         kind_module("instruction_following")
 

@@ -53,7 +53,7 @@ def test_the_whole_generation_batch_at_full_length_does_not_fit_on_80gb():
     assert estimate.total > 80 * GIB
     with pytest.raises(ValueError, match="not to fit") as error:
         check_rollout_memory(estimate, 80 * GIB)
-    assert "teacher KV cache" in str(error.value) and "trb_generation_batch_size" in str(error.value)
+    assert "teacher KV cache" in str(error.value) and "rollout_generation_batch_size" in str(error.value)
     assert "GiB" in check_rollout_memory(estimate, 80 * GIB, mode="warn")
     assert check_rollout_memory(estimate, 80 * GIB, mode="off") is None
 
@@ -199,7 +199,7 @@ def test_every_policy_is_checked_at_each_rollout_it_makes(tiny_trainer, monkeypa
 
     trainer, width = tiny_trainer, 1024 + 512
     guided, plain = ("teacher-guided rollout", 2, width, True), ("student rollout", 8, width, False)
-    assert _phases(trainer, trb_generation_batch_size=2) == [guided, plain]  # TRB: warmup, then plain rollouts
+    assert _phases(trainer, rollout_generation_batch_size=2) == [guided, plain]  # TRB: warmup, then plain rollouts
     assert _phases(trainer, trb_schedule="constant") == [guided]  # fixed epsilon: guided at every step
     assert _phases(trainer, rollout_policy="skd", skd_steps=None) == [guided]
     assert _phases(trainer, skd_steps=3) == [guided, plain]
@@ -217,7 +217,7 @@ def test_every_policy_is_checked_at_each_rollout_it_makes(tiny_trainer, monkeypa
 def test_tropd_guidance_is_checked_with_its_prefixes(
     tiny_pair_dir, tmp_path, monkeypatch, sampling, continuation_width
 ):
-    """TrOPD with `rollout_policy: student`: the teacher sampling prefixes (chunks of `trb_generation_batch_size`), and
+    """TrOPD with `rollout_policy: student`: the teacher sampling prefixes (chunks of `rollout_generation_batch_size`), and
     the student continuing them in calls of the same size. A continuation call is left-padded to its longest prompt +
     prefix and runs until its largest remaining budget is spent: up to l_max extra columns with uniform prefix lengths
     (a call holding both extremes), none with "max"."""
@@ -238,7 +238,7 @@ def test_tropd_guidance_is_checked_with_its_prefixes(
         max_completion_length=64,
         tropd_prefix_max_length=48,
         tropd_prefix_sampling=sampling,
-        trb_generation_batch_size=2,
+        rollout_generation_batch_size=2,
     )
     trainer = TrOPDTrainer(
         model=tiny_pair_dir["student"],

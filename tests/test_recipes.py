@@ -226,7 +226,7 @@ def test_qwen3_recipe_comments_match_their_arithmetic():
         assert "25,600" in text and f"{config['max_steps']} steps" in text
         if config.get("rollout_policy", "trb") == "trb" and config["trb_epsilon"] > 0:
             generation_batch = config["per_device_train_batch_size"] * config["gradient_accumulation_steps"]
-            assert generation_batch // config["trb_generation_batch_size"] == 4 and "4 generate calls" in text
+            assert generation_batch // config["rollout_generation_batch_size"] == 4 and "4 generate calls" in text
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -649,7 +649,7 @@ def test_greedy_training_is_the_same_on_both_engines(tiny_pair_dir, tmp_path):
             trb_epsilon=0.5,
             trb_rollout_engine=engine,
             trb_draft_length=4,
-            trb_generation_batch_size=2,
+            rollout_generation_batch_size=2,
             generation_kwargs={"do_sample": False},
         )
         runs[engine] = logs

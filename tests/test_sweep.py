@@ -163,7 +163,9 @@ def test_generated_recipe_keeps_the_base_text_and_says_it_was_generated(sweep_di
     body = base.split("\n\n", 1)[1].splitlines()
     method_start = next(i for i, line in enumerate(body) if line.startswith("# TRB: epsilon_0"))
     method_end = next(i for i, line in enumerate(body) if line.startswith("# Trainer:"))
-    resources = [line for line in body[method_start:method_end] if line.startswith(("trb_gather", "trb_generation"))]
+    resources = [
+        line for line in body[method_start:method_end] if line.startswith(("gather_teacher", "rollout_generation"))
+    ]
     rest = [line for line in body[method_end:] if not line.startswith(("output_dir:", "run_name:"))]
     lines = iter(text.splitlines())
     for line in [*body[:method_start], *resources, *rest]:

@@ -10,7 +10,7 @@ def _config(**kwargs):
 def test_defaults_are_the_paper_settings():
     config = _config()
     assert (config.trb_epsilon, config.trb_warmup_steps, config.trb_schedule) == (0.02, 50, "linear")
-    assert config.trb_gather_teacher_for_generation is True
+    assert config.gather_teacher_for_generation is True
 
 
 def test_every_field_of_ours_has_help_and_a_docstring_entry():
@@ -93,3 +93,26 @@ def test_either_checkpointing_spelling_works_without_a_deprecation_warning(tmp_p
         args = TRBDistillConfig(str(tmp_path), use_cpu=True, **kwargs)
     assert args.gradient_checkpointing is (spelling is None)  # TRL's default is True
     assert args.activation_checkpointing is args.gradient_checkpointing
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "value", "conflicting"),
+    [
+        ("trb_generation_batch_size", "rollout_generation_batch_size", 4, 8),
+        ("trb_gather_teacher_for_generation", "gather_teacher_for_generation", True, False),
+        ("trb_memory_preflight", "rollout_memory_preflight", "warn", "off"),
+    ],
+)
+def test_the_old_names_of_the_shared_rollout_knobs_still_work_with_a_warning(old, new, value, conflicting):
+    with pytest.warns(FutureWarning, match=f"{old} is deprecated; use {new}"):
+        config = _config(**{old: value})
+    assert getattr(config, new) == value and getattr(config, old) is None
+    with pytest.raises(ValueError, match=f"{old}=.* and {new}=.* both set"):
+        _config(**{old: value, new: conflicting})
+
+
+def test_a_code_benchmark_in_training_needs_the_opt_in_before_any_model_loads():
+    with pytest.raises(ValueError, match=r"livecodebench_v6: grading code runs .* math_eval_allow_code_execution=True"):
+        _config(math_eval_benchmarks=["aime24", "livecodebench_v6"])
+    allowed = _config(math_eval_benchmarks=["livecodebench_v6"], math_eval_allow_code_execution=True)
+    assert allowed.math_eval_benchmarks == ["livecodebench_v6"]

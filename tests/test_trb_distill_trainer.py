@@ -99,17 +99,19 @@ def test_constant_schedule_keeps_the_budget(tiny_pair_dir, prompts, tmp_path):
     assert [entry["trb/epsilon"] for entry in _train_logs(trainer)] == pytest.approx([0.05] * 3)
 
 
-def test_gradient_accumulation_shares_one_budget_per_optimizer_step(tiny_pair_dir, prompts, tmp_path):
+def test_gradient_accumulation_shares_one_budget_per_optimizer_step(tiny_pair_dir, prompts, tmp_path, monkeypatch):
+    from trb_trl.rollout.sources import TrustRegionRollout
+
     args = _args(tmp_path, max_steps=3, gradient_accumulation_steps=2, per_device_train_batch_size=2)
     trainer = _trainer(tiny_pair_dir, args, prompts)
     budgets = []
-    original = trainer._trust_region_processor
+    original = TrustRegionRollout.processor
 
-    def record(teacher, attention_mask, *, epsilon):
-        budgets.append((trainer.state.global_step, epsilon))
-        return original(teacher, attention_mask, epsilon=epsilon)
+    def record(source, teacher, attention_mask, settings):
+        budgets.append((trainer.state.global_step, source.epsilon))
+        return original(source, teacher, attention_mask, settings)
 
-    trainer._trust_region_processor = record
+    monkeypatch.setattr(TrustRegionRollout, "processor", record)
     trainer.train()
     # One generate call per accumulation cycle (the parent generates the whole cycle at once), at that step's budget.
     assert budgets == [(0, pytest.approx(0.05)), (1, pytest.approx(0.025))]
@@ -138,7 +140,7 @@ def test_zero_epsilon_is_exactly_the_parent_trainer_when_stop_ids_are_shared(
         )
         trainer.train()
         runs.append(trainer)
-    assert runs[0]._trb_stop_alignment is None
+    assert runs[0]._stop_alignment is None
     assert processor_calls == []
     for (name, p), (_, q) in zip(runs[0].model.named_parameters(), runs[1].model.named_parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
@@ -199,7 +201,7 @@ def test_tokenizer_larger_than_the_models_is_a_clear_error(tiny_pair_dir, prompt
 
 
 def test_generation_batch_is_split_into_chunks_during_warmup(tiny_pair_dir, prompts, tmp_path, processor_calls):
-    args = _args(tmp_path, max_steps=3, per_device_train_batch_size=4, trb_generation_batch_size=3)
+    args = _args(tmp_path, max_steps=3, per_device_train_batch_size=4, rollout_generation_batch_size=3)
     trainer = _trainer(tiny_pair_dir, args, prompts)
     trainer.train()
     first_calls = [p for i, p in enumerate(processor_calls) if i == 0 or p is not processor_calls[i - 1]]
@@ -254,7 +256,7 @@ def test_opd_control_learns_to_stop_on_the_students_own_stop_id(
         train_dataset=prompts,
         processing_class=tokenizer,
     )
-    assert (trainer._trb_stop_alignment == StopAlignment(endoftext, (im_end,))) is aligned
+    assert (trainer._stop_alignment == StopAlignment(endoftext, (im_end,))) is aligned
     trainer.train()
     lengths = _student_completion_lengths(trainer, prompts, max_new_tokens=16)
     mean_length = sum(lengths) / len(lengths)
@@ -276,7 +278,7 @@ def test_at_most_one_teacher_cache_is_alive_during_a_chunked_rollout(tiny_pair_d
         return logits
 
     monkeypatch.setattr(TeacherStepper, "advance", spy)
-    args = _args(tmp_path, max_steps=1, per_device_train_batch_size=6, trb_generation_batch_size=2)
+    args = _args(tmp_path, max_steps=1, per_device_train_batch_size=6, rollout_generation_batch_size=2)
     trainer = _trainer(tiny_pair_dir, args, prompts)
     trainer.train()
     assert len(caches) == 3  # a 3-chunk rollout
@@ -337,15 +339,15 @@ def test_trb_metrics_reach_wandb_offline_and_wandb_does_not_change_the_trajector
 
 
 def test_wandb_runs_go_under_output_dir_unless_wandb_dir_is_set(tmp_path, monkeypatch):
-    from trb_trl import trb_distill_trainer
+    from trb_trl import report_to
 
     monkeypatch.delenv("WANDB_DIR", raising=False)
-    monkeypatch.setattr(trb_distill_trainer, "_wandb_dir_we_set", None)
-    trb_distill_trainer._put_wandb_runs_under(str(tmp_path / "a"))
-    trb_distill_trainer._put_wandb_runs_under(str(tmp_path / "b"))  # a second trainer in the same process
+    monkeypatch.setattr(report_to, "_wandb_dir_we_set", None)
+    report_to.put_wandb_runs_under(str(tmp_path / "a"))
+    report_to.put_wandb_runs_under(str(tmp_path / "b"))  # a second trainer in the same process
     assert os.environ["WANDB_DIR"] == str(tmp_path / "b")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "mine"))
-    trb_distill_trainer._put_wandb_runs_under(str(tmp_path / "c"))
+    report_to.put_wandb_runs_under(str(tmp_path / "c"))
     assert os.environ["WANDB_DIR"] == str(tmp_path / "mine")
 
 
@@ -355,7 +357,7 @@ def test_loss_top_k_over_the_whole_vocabulary_trains_exactly_like_the_full_diver
     """`loss_top_k >= V` keeps every token in the support, so the top-k loss, in either estimator, is the full
     (stop-aligned) divergence: same rollouts (same seed), same updates. A small k trains too, also with Veto's target,
     and the trainer hands `loss_top_k_estimator` to the loss."""
-    from trb_trl import trb_distill_trainer
+    from trb_trl.losses import divergences
 
     runs = []
     vocab = len(AutoTokenizer.from_pretrained(tiny_pair_dir["tokenizer"]))
@@ -367,19 +369,19 @@ def test_loss_top_k_over_the_whole_vocabulary_trains_exactly_like_the_full_diver
         trainer = tiny_trainer(tiny_pair_dir, _args(tmp_path / run_name, max_steps=2, **options), prompts)
         trainer.train()
         runs.append(trainer)
-    assert runs[0]._trb_stop_alignment is not None  # the tiny pair stops on different ids: the aligned path
+    assert runs[0]._stop_alignment is not None  # the tiny pair stops on different ids: the aligned path
     for run in runs[1:]:
         for (name, p), (_, q) in zip(runs[0].model.named_parameters(), run.model.named_parameters(), strict=True):
             torch.testing.assert_close(p, q, rtol=1e-4, atol=2e-5, msg=name)  # float32 summation order only
 
     calls = []
-    loss_function = trb_distill_trainer.top_k_divergence_loss
+    loss_function = divergences.top_k_divergence_loss
 
     def spy(*args, **kwargs):
         calls.append(kwargs["estimator"])
         return loss_function(*args, **kwargs)
 
-    monkeypatch.setattr(trb_distill_trainer, "top_k_divergence_loss", spy)
+    monkeypatch.setattr(divergences, "top_k_divergence_loss", spy)
     for estimator in ("policy_gradient", "renormalized"):
         options = dict(max_steps=2, loss_top_k=4, veto_beta_start=0.4, loss_top_k_estimator=estimator)
         args = _args(tmp_path / f"k4-{estimator}", **options)

@@ -124,7 +124,7 @@ def test_a_guided_trajectory_is_the_teachers_prefix_then_the_students_continuati
     trainer.model.train()
     prompts = [[3, 4, 5], [6, 7, 8, 9, 10], [11, 12]]
     completions = trainer._generate_single_turn(prompts, None, {})
-    lengths = trainer._tropd_prefix_lengths
+    lengths = trainer._prefix_lengths
     assert len(lengths) == 3 and all(0 <= length <= 8 for length in lengths)
     student, teacher = trainer.accelerator.unwrap_model(trainer.model), trainer.teacher_model
     stops = trainer.eos_token_ids
@@ -182,7 +182,7 @@ def test_guided_continuations_stop_at_each_rows_budget(tiny_pair_dir, tmp_path, 
         forwards.clear()
         torch.manual_seed(5)
         completions = trainer._generate_single_turn(prompts, None, {})
-        return completions, list(trainer._tropd_prefix_lengths), len(forwards)
+        return completions, list(trainer._prefix_lengths), len(forwards)
 
     try:
         budgeted, lengths, budgeted_forwards = rollout(recording)
@@ -206,7 +206,7 @@ def test_guided_continuations_stop_at_each_rows_budget(tiny_pair_dir, tmp_path, 
 
 
 def test_uniform_prefixes_are_continued_in_calls_of_similar_budgets(tiny_pair_dir, tmp_path, monkeypatch):
-    """Uniform prefix lengths: the rows go to `generate` sorted by budget, `trb_generation_batch_size` per call, so a
+    """Uniform prefix lengths: the rows go to `generate` sorted by budget, `rollout_generation_batch_size` per call, so a
     call spans about prompt + max_completion_length columns instead of prompt + l_max + max_completion_length."""
     from trb_trl.rollout import row_budget
 
@@ -216,7 +216,7 @@ def test_uniform_prefixes_are_continued_in_calls_of_similar_budgets(tiny_pair_di
         max_completion_length=12,
         tropd_prefix_max_length=12,
         tropd_prefix_sampling="uniform",
-        trb_generation_batch_size=2,
+        rollout_generation_batch_size=2,
     )
     trainer.model.train()
     calls = []
@@ -229,7 +229,7 @@ def test_uniform_prefixes_are_continued_in_calls_of_similar_budgets(tiny_pair_di
     monkeypatch.setattr(row_budget.RowBudgetCriteria, "__init__", recording)
     prompts = [[3, 4, 5]] * 8  # one prompt length: the width of a call is its longest prefix + its largest budget
     trainer._generate_single_turn(prompts, None, {})
-    lengths = trainer._tropd_prefix_lengths
+    lengths = trainer._prefix_lengths
     assert len(calls) == 4 and all(len(budgets) == 2 for budgets, _ in calls)
     flat = [budget for budgets, _ in calls for budget in budgets]
     assert flat == sorted(flat)

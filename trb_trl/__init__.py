@@ -15,8 +15,8 @@ __version__ = "0.1.0"
 
 # Public name -> the submodule that defines it.
 _LAZY_ATTRIBUTES = {
-    "BlendResult": ".blending",
-    "trust_region_blend": ".blending",
+    "BlendResult": ".rollout.blending",
+    "trust_region_blend": ".rollout.blending",
     "TrustRegionBlendingProcessor": ".rollout.trust_region",
     "TeacherInjectionProcessor": ".rollout.teacher_injection",
     "RolloutTemperatureProcessor": ".rollout.temperature",
@@ -41,7 +41,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time these come from `__getattr__`
-    from .blending import BlendResult, trust_region_blend
+    from .rollout.blending import BlendResult, trust_region_blend
     from .rollout.speculative import SpeculativeBlendingSampler
     from .rollout.teacher_injection import TeacherInjectionProcessor
     from .rollout.temperature import RolloutTemperatureProcessor

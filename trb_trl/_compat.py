@@ -39,9 +39,12 @@ from trl import (  # noqa: E402
     is_conversational,
 )
 from trl.distributed import DistributedBackend  # noqa: E402
+from trl.models import prepare_deepspeed  # noqa: E402
 from trl.models.utils import unwrap_model_for_generation  # noqa: E402
 from trl.trainer import distillation_trainer as _distillation_module  # noqa: E402
-from trl.trainer.utils import RepeatSampler, maybe_gather_lm_head_ctx  # noqa: E402
+from trl.trainer.utils import RepeatSampler, create_model_from_path, maybe_gather_lm_head_ctx  # noqa: E402
+
+from .losses.drop_in import TRL_DIVERGENCE_PARAMETERS  # noqa: E402
 
 
 # What this package relies on in TRL's private API, by name and parameter, checked at import (`inspect.signature`,
@@ -49,22 +52,7 @@ from trl.trainer.utils import RepeatSampler, maybe_gather_lm_head_ctx  # noqa: E
 _TESTED = f"trb_trl is tested with trl {TESTED_TRL_RANGE[0]}"
 # `_chunked_divergence_loss`'s parameters our loss drop-ins read; TRL's call is bound to these names, so a parameter
 # TRL adds later (left at its default) does not break the drop-ins.
-DIVERGENCE_PARAMETERS = (
-    "student_hidden_states",
-    "teacher_hidden_states",
-    "student_lm_head_weight",
-    "teacher_lm_head_weight",
-    "completion_mask",
-    "beta",
-    "num_items_in_batch",
-    "student_lm_head_bias",
-    "teacher_lm_head_bias",
-    "student_logit_scale",
-    "teacher_logit_scale",
-    "student_final_logit_softcapping",
-    "teacher_final_logit_softcapping",
-    "temperature",
-)
+DIVERGENCE_PARAMETERS = TRL_DIVERGENCE_PARAMETERS  # written once, in losses/drop_in.py
 _DIVERGENCE_FUNCTION = "_chunked_divergence_loss"
 _REQUIRED_SIGNATURES = {
     # what we override or call -> the parameters we pass or receive, by name
@@ -204,10 +192,12 @@ __all__ = [
     "TrlParser",
     "bound_by_name",
     "check_private_api",
+    "create_model_from_path",
     "divergence_function_replaced",
     "get_dataset",
     "get_peft_config",
     "get_quantization_config",
+    "prepare_deepspeed",
     "is_conversational",
     "maybe_gather_lm_head_ctx",
     "resolve_checkpointing_spelling",

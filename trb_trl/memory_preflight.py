@@ -167,9 +167,9 @@ def check_rollout_memory(estimate: RolloutMemoryEstimate, device_bytes: int, mod
     if mode == "off" or not device_bytes:
         return None
     advice = (
-        "Lower `trb_generation_batch_size` (teacher-guided rollouts and TrOPD's teacher prefixes are generated in "
+        "Lower `rollout_generation_batch_size` (teacher-guided rollouts and TrOPD's teacher prefixes are generated in "
         "chunks of it; the parent's student rollout is not), `max_completion_length`, `per_device_train_batch_size` "
-        "or `gradient_accumulation_steps`, set `trb_gather_teacher_for_generation=False` "
+        "or `gradient_accumulation_steps`, set `gather_teacher_for_generation=False` "
         "(slower: the teacher is gathered layer by layer at every step), put a colocated vLLM engine to sleep "
         "outside its own generation (`vllm_enable_sleep_mode=True`), or use more GPUs."
     )
@@ -177,7 +177,7 @@ def check_rollout_memory(estimate: RolloutMemoryEstimate, device_bytes: int, mod
         raise ValueError(
             f"The {estimate.phase} is estimated not to fit in device memory:\n"
             + estimate.explain(device_bytes)
-            + f"\n{advice} Set `trb_memory_preflight='warn'` to start anyway."
+            + f"\n{advice} Set `rollout_memory_preflight='warn'` to start anyway."
         )
     if estimate.total > 0.9 * device_bytes:
         return (

@@ -8,6 +8,7 @@ imported here: `trb-trl train` runs the check before it imports TRL.
 
 import difflib
 import importlib.util
+import os
 
 
 # Backend (a `report_to` value, as in transformers' `INTEGRATION_TO_CALLBACK`) -> what it needs: one
@@ -96,3 +97,15 @@ def check_report_to(value, known_backends=None) -> None:
             f"{'is' if one else 'are'} not installed: pip install {' '.join(packages)} (or remove "
             f"{'it' if len(backends) == 1 else 'them'} from report_to)"
         )
+
+
+_wandb_dir_we_set: str | None = None
+
+
+def put_wandb_runs_under(output_dir: str) -> None:
+    """Point W&B's run directory at `output_dir` (the W&B callback reads `WANDB_DIR`), unless the user set it."""
+    global _wandb_dir_we_set
+    if os.environ.get("WANDB_DIR") not in (None, _wandb_dir_we_set):
+        return
+    os.makedirs(output_dir, exist_ok=True)
+    _wandb_dir_we_set = os.environ["WANDB_DIR"] = os.path.abspath(output_dir)

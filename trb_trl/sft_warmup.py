@@ -34,10 +34,9 @@ from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_h
 
 from ._compat import RepeatSampler, SFTConfig, SFTTrainer, is_conversational
 from .stop_alignment import as_id_list, cut_at_stop
-from .trb_distill_config import TRBDistillConfig
+from .trb_distill_config import SFT_WARMUP_SUBDIR, TRBDistillConfig  # noqa: F401 (SFT_WARMUP_SUBDIR re-exported)
 
 
-SFT_WARMUP_SUBDIR = "sft_warmup"
 # Written last, by the main process, once the phase-1 model and tokenizer are saved: its presence means "done".
 COMPLETION_MARKER = "sft_warmup_complete.json"
 
@@ -81,7 +80,7 @@ _TRAINING_ARGUMENTS_FIELDS = frozenset(field.name for field in fields(TrainingAr
 
 def sft_warmup_dir(args: TRBDistillConfig) -> str:
     """Where phase 1 saves the warmed-up student (and its trainer state): `<output_dir>/sft_warmup`."""
-    return os.path.join(args.output_dir, SFT_WARMUP_SUBDIR)
+    return args.sft_warmup_dir
 
 
 def generation_batch_size(args: TRBDistillConfig, num_processes: int) -> int:
@@ -303,9 +302,9 @@ def run_sft_warmup(model_name_or_path: str, train_dataset, args: TRBDistillConfi
 
     sft_args = sft_warmup_config(args)
     if "wandb" in sft_args.report_to:
-        from .trb_distill_trainer import _put_wandb_runs_under
+        from .report_to import put_wandb_runs_under
 
-        _put_wandb_runs_under(args.output_dir)  # both phases' W&B runs next to each other, as the OPD run puts its own
+        put_wandb_runs_under(args.output_dir)  # both phases' W&B runs next to each other, as the OPD run puts its own
     trainer = SFTTrainer(model=model_name_or_path, args=sft_args, train_dataset=dataset, processing_class=tokenizer)
     trainer.train()
     trainer.save_model(output_dir)

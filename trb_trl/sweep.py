@@ -37,7 +37,7 @@ PROG = "trb-trl sweep"
 
 # Keys that choose the method and its hyper-parameters. A sweep point sets the ones it needs; the base recipe's others
 # are dropped, so a point never inherits another method's setting (e.g. a Veto beta in an SKD run). The rollout's
-# resource settings (`trb_gather_teacher_for_generation`, `trb_generation_batch_size`, `trb_memory_preflight`) are
+# resource settings (`gather_teacher_for_generation`, `rollout_generation_batch_size`, `rollout_memory_preflight`) are
 # not method keys: they are kept from the base.
 METHOD_KEYS = (
     "rollout_policy",
@@ -315,7 +315,7 @@ def render_point(base_text: str, point: SweepPoint, *, name: str, base_path: str
     )
     comment = (
         f"Method, sweep point {point.name}: {PAPER_GRIDS[method].summary.format(**values)}{loss} Method keys not "
-        "set here take their defaults; the rollout resource keys (trb_gather_*, trb_generation_*) are the base's."
+        "set here take their defaults; the rollout resource keys (gather_teacher_for_generation, rollout_generation_batch_size) are the base's."
     )
     block = [
         *(f"# {line}" for line in textwrap.wrap(comment, width=_LINE_LENGTH - 2)),

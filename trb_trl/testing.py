@@ -76,6 +76,28 @@ def build_tiny_qwen3(
     return model.eval()
 
 
+def build_constant_teacher(
+    vocab_size: int, token_id: int, *, margin: float = 8.0, hidden_size: int = 32, eos_token_id: int | list[int] = 0
+) -> Qwen3ForCausalLM:
+    """A tiny Qwen3 that prefers `token_id` after any prefix, by `margin` nats over every other token: its layers add
+    nothing to the residual stream (zero output projections), every token embeds to the same vector, and only the
+    `token_id` row of the lm_head points along it. Two of these are teachers that want different answers."""
+    import torch
+
+    model = build_tiny_qwen3(vocab_size, hidden_size=hidden_size, num_layers=1, eos_token_id=eos_token_id)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        direction = torch.ones(hidden_size) / hidden_size**0.5
+        model.model.embed_tokens.weight.copy_(direction.expand(vocab_size, hidden_size))
+        model.model.norm.weight.fill_(1.0)
+        normed = direction * hidden_size**0.5  # RMSNorm of the constant embedding
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[token_id] = margin * normed / normed.pow(2).sum()
+    return model
+
+
 def write_tiny_pair(output_dir: str | Path, *, num_words: int = 256, seed: int = 0) -> dict[str, str]:
     """Write a tokenizer, a 2-layer student and a 3-layer teacher to `output_dir`; return their paths.
 

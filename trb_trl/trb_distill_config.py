@@ -1,4 +1,6 @@
 import math
+import os
+import warnings
 from dataclasses import dataclass, field
 
 from ._compat import HAS_ACTIVATION_CHECKPOINTING, DistillationConfig, resolve_checkpointing_spelling
@@ -10,6 +12,14 @@ from .schedules import KL_BUDGET_SCHEDULES
 ROLLOUT_POLICIES = ("trb", "fixed_epsilon", "skd", "temperature", "student")
 # How trust-region rollouts are sampled: the logits processor (reference) or the speculative engine (same law).
 ROLLOUT_ENGINES = ("processor", "speculative")
+# Shared rollout knobs renamed from their TRB-only names: old -> new. The old names still work, with a FutureWarning.
+RENAMED_FIELDS = {
+    "trb_gather_teacher_for_generation": "gather_teacher_for_generation",
+    "trb_generation_batch_size": "rollout_generation_batch_size",
+    "trb_memory_preflight": "rollout_memory_preflight",
+}
+# Where the SFT-warmup phase saves the warmed-up student, under `output_dir`.
+SFT_WARMUP_SUBDIR = "sft_warmup"
 # The paper's system prompt (the Qwen3 recipes' `system_prompt`), which in-training evaluation prompts carry.
 PAPER_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -32,6 +42,30 @@ class TRBDistillConfig(DistillationConfig):
             `skd_*` fields). `"temperature"`: temperature warmup (the `temperature_warmup_*` fields). `"student"`:
             plain student sampling at every step (vanilla OPD; the parent's rollout verbatim).
 
+        > Parameters of every teacher-guided rollout (any policy that runs the teacher, and TrOPD's teacher prefixes)
+
+        gather_teacher_for_generation (`bool`, *optional*, defaults to `True`):
+            DeepSpeed ZeRO-3 only, the teacher's counterpart of `ds3_gather_for_generation`: gather the teacher's
+            parameters (and lift its ZeRO-3 hooks) for the length of each teacher-guided rollout (TRB, fixed-epsilon,
+            SKD, teacher prefixes), so that no teacher forward needs a collective while ranks finish at different
+            lengths. With `False` the teacher stays sharded and is stepped from the student's forward on every rank
+            instead (slower, for teachers too large to gather). Formerly `trb_gather_teacher_for_generation`.
+        rollout_generation_batch_size (`int`, *optional*):
+            Maximum number of sequences per `generate` call in teacher-guided rollouts. The parent generates a whole
+            gradient-accumulation cycle at once; with the teacher's KV cache next to the student's, that may not fit.
+            `None` generates everything at once, as the parent does. Formerly `trb_generation_batch_size`.
+        rollout_memory_preflight (`str`, *optional*, defaults to `"error"`):
+            Before training on GPU, estimate the memory of each kind of rollout the run makes (the models' weights
+            as held during it, the KV caches of the models that decode, the student's training-state shard) against
+            the device, whatever the trainer and policy: `"error"` raises if the largest cannot fit and warns above
+            90%, `"warn"` only warns, `"off"` skips the check. Formerly `trb_memory_preflight`.
+        trb_gather_teacher_for_generation (`bool`, *optional*):
+            Deprecated spelling of `gather_teacher_for_generation`; still works, with a `FutureWarning`.
+        trb_generation_batch_size (`int`, *optional*):
+            Deprecated spelling of `rollout_generation_batch_size`; still works, with a `FutureWarning`.
+        trb_memory_preflight (`str`, *optional*):
+            Deprecated spelling of `rollout_memory_preflight`; still works, with a `FutureWarning`.
+
         > Parameters that control the trust-region rollouts (`"trb"`, `"fixed_epsilon"`)
 
         trb_epsilon (`float`, *optional*, defaults to `0.02`):
@@ -44,20 +78,6 @@ class TRBDistillConfig(DistillationConfig):
             KL-budget schedule over optimizer steps k: `"linear"` (the paper's warmup,
             epsilon_k = epsilon_0 (1 - k/K) for k < K, then 0) or `"constant"` (the fixed-epsilon baseline,
             epsilon_k = epsilon_0 at every step).
-        trb_gather_teacher_for_generation (`bool`, *optional*, defaults to `True`):
-            DeepSpeed ZeRO-3 only, the teacher's counterpart of `ds3_gather_for_generation`: gather the teacher's
-            parameters (and lift its ZeRO-3 hooks) for the length of each teacher-guided rollout (TRB, fixed-epsilon,
-            SKD), so that no teacher forward needs a collective while ranks finish at different lengths. With `False` the teacher stays sharded and
-            is stepped from the student's forward on every rank instead (slower, for teachers too large to gather).
-        trb_generation_batch_size (`int`, *optional*):
-            Maximum number of sequences per `generate` call in teacher-guided rollouts. The parent generates a whole
-            gradient-accumulation cycle at once; with the teacher's KV cache next to the student's, that may not fit.
-            `None` generates everything at once, as the parent does.
-        trb_memory_preflight (`str`, *optional*, defaults to `"error"`):
-            Before training on GPU, estimate the memory of each kind of rollout the run makes (the models' weights
-            as held during it, the KV caches of the models that decode, the student's training-state shard) against
-            the device, whatever the trainer and policy: `"error"` raises if the largest cannot fit and warns above
-            90%, `"warn"` only warns, `"off"` skips the check.
         trb_rollout_engine (`str`, *optional*, defaults to `"processor"`):
             How trust-region rollouts are sampled. `"processor"`: a logits processor inside `generate`, the teacher
             decoding one token per step next to the student (the reference). `"speculative"`: the same distribution,
@@ -110,6 +130,24 @@ class TRBDistillConfig(DistillationConfig):
             place of each of their rollouts, so as many sequences per step as OPD), then run OPD from the result.
             `0` disables it. The paper uses 15, 25 and 50 with the OPD learning rate. Run by `trb-trl train`.
 
+        > Parameters for several teachers (multi-teacher OPD, MOPD; docs/multi_teacher.md)
+
+        teacher_models (`dict[str, str]` or `str`, *optional*):
+            Several teachers, `{name: model id or path}` (a JSON string on the command line). Each training row is
+            scored and guided by the teacher its `teacher_id` column names (rows without one: `default_teacher`),
+            in every rollout source and every loss, never an average. Replaces `teacher_model_name_or_path`. All
+            teachers share the student's tokenizer (vocabulary sizes are checked); their stop ids may differ.
+        teacher_models_init_kwargs (`dict[str, dict]` or `str`, *optional*):
+            Per-teacher keyword arguments of `from_pretrained`, `{name: {...}}`, merged over
+            `teacher_model_init_kwargs` (which every teacher gets).
+        default_teacher (`str`, *optional*):
+            The teacher of rows without a `teacher_id`; `None`: the first of `teacher_models`.
+        teacher_offload (`bool`, *optional*, defaults to `False`):
+            Keep the teachers in CPU memory and move to the accelerator only those a rollout or a loss needs, one at a
+            time where the work allows (a loss) and together where it does not (a rollout that blends rows of several
+            teachers in one decoding step). Trades host-device copies for device memory; not with DeepSpeed (its own
+            parameter offload does this for ZeRO-3).
+
         > Parameters that control the loss
 
         loss_top_k (`int`, *optional*):
@@ -157,7 +195,14 @@ class TRBDistillConfig(DistillationConfig):
         math_eval_system_prompt (`str`, *optional*, defaults to the paper's prompt):
             System message of evaluation prompts; keep it the training prompts' system message (`trb-trl train`'s
             `system_prompt`) so evaluation measures what training optimised. `None` renders the problem alone.
+        math_eval_allow_code_execution (`bool`, *optional*, defaults to `False`):
+            Allow code benchmarks (`"livecodebench_v6"`, local code files) among `math_eval_benchmarks`: grading them
+            runs the programs the student writes on this machine. Without it, a code benchmark is an error before
+            training starts.
     """
+
+    # Dict-valued fields that may come as JSON strings (the command line); parsed in `__post_init__` as TRL's are.
+    _VALID_DICT_FIELDS = DistillationConfig._VALID_DICT_FIELDS + ["teacher_models", "teacher_models_init_kwargs"]
 
     trb_epsilon: float = field(
         default=0.02,
@@ -182,28 +227,36 @@ class TRBDistillConfig(DistillationConfig):
             "choices": sorted(KL_BUDGET_SCHEDULES),
         },
     )
-    trb_gather_teacher_for_generation: bool = field(
+    gather_teacher_for_generation: bool = field(
         default=True,
         metadata={
             "help": "DeepSpeed ZeRO-3 only: gather the teacher's parameters for each teacher-guided rollout, so "
             "no teacher forward needs a collective while ranks finish at different lengths."
         },
     )
-
-    trb_generation_batch_size: int | None = field(
+    rollout_generation_batch_size: int | None = field(
         default=None,
         metadata={
             "help": "Maximum number of sequences per generate call in teacher-guided rollouts (the teacher's KV "
             "cache sits next to the student's); None generates the whole generation batch at once, as the parent does."
         },
     )
-    trb_memory_preflight: str = field(
+    rollout_memory_preflight: str = field(
         default="error",
         metadata={
             "help": "Estimate the memory of each kind of rollout against the GPU before training: 'error' raises "
             "if one cannot fit (and warns above 90 percent), 'warn' only warns, 'off' skips.",
             "choices": ["error", "warn", "off"],
         },
+    )
+    trb_gather_teacher_for_generation: bool | None = field(
+        default=None, metadata={"help": "Deprecated: use gather_teacher_for_generation."}
+    )
+    trb_generation_batch_size: int | None = field(
+        default=None, metadata={"help": "Deprecated: use rollout_generation_batch_size."}
+    )
+    trb_memory_preflight: str | None = field(
+        default=None, metadata={"help": "Deprecated: use rollout_memory_preflight."}
     )
     trb_rollout_engine: str = field(
         default="processor",
@@ -298,6 +351,27 @@ class TRBDistillConfig(DistillationConfig):
             "choices": list(TOP_K_ESTIMATORS),
         },
     )
+    teacher_models: dict[str, str] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Several teachers, {name: model id or path} (JSON on the command line); each row's teacher_id "
+            "column picks its teacher. Replaces teacher_model_name_or_path."
+        },
+    )
+    teacher_models_init_kwargs: dict[str, dict] | str | None = field(
+        default=None,
+        metadata={"help": "Per-teacher from_pretrained kwargs, {name: {...}}, merged over teacher_model_init_kwargs."},
+    )
+    default_teacher: str | None = field(
+        default=None, metadata={"help": "Teacher of rows without a teacher_id; None: the first of teacher_models."}
+    )
+    teacher_offload: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep the teachers in CPU memory and move to the accelerator only those a rollout or loss needs "
+            "(not with DeepSpeed)."
+        },
+    )
     math_eval_benchmarks: list[str] | None = field(
         default=None,
         metadata={
@@ -344,6 +418,13 @@ class TRBDistillConfig(DistillationConfig):
             "message. None renders the problem alone."
         },
     )
+    math_eval_allow_code_execution: bool = field(
+        default=False,
+        metadata={
+            "help": "In-training evaluation: allow code benchmarks (livecodebench_v6, local code files), whose grading "
+            "runs the programs the student writes on this machine; without it they are an error."
+        },
+    )
     if not HAS_ACTIVATION_CHECKPOINTING:  # the new spelling on a transformers that only knows the old one
         activation_checkpointing: bool | None = field(
             default=None, metadata={"help": "Alias of `gradient_checkpointing` (its name in newer transformers)."}
@@ -352,6 +433,11 @@ class TRBDistillConfig(DistillationConfig):
             default=None,
             metadata={"help": "Alias of `gradient_checkpointing_kwargs` (its name in newer transformers)."},
         )
+
+    @property
+    def sft_warmup_dir(self) -> str:
+        """Where the SFT-warmup phase saves the warmed-up student (and its trainer state): `<output_dir>/sft_warmup`."""
+        return os.path.join(self.output_dir, SFT_WARMUP_SUBDIR)
 
     @property
     def uses_trust_region(self) -> bool:
@@ -365,6 +451,7 @@ class TRBDistillConfig(DistillationConfig):
 
     def __post_init__(self):
         resolve_checkpointing_spelling(self)  # either spelling, no deprecation warning, on any transformers
+        self._resolve_renamed_fields()
         super().__post_init__()
         if self.rollout_policy not in ROLLOUT_POLICIES:
             raise ValueError(f"rollout_policy must be one of {list(ROLLOUT_POLICIES)}, got {self.rollout_policy!r}.")
@@ -381,15 +468,18 @@ class TRBDistillConfig(DistillationConfig):
             )
         if self.trb_schedule not in KL_BUDGET_SCHEDULES:
             raise ValueError(f"trb_schedule must be one of {sorted(KL_BUDGET_SCHEDULES)}, got {self.trb_schedule!r}.")
-        if self.trb_generation_batch_size is not None and self.trb_generation_batch_size < 1:
-            raise ValueError(f"trb_generation_batch_size must be >= 1 or None, got {self.trb_generation_batch_size}.")
-        if self.trb_memory_preflight not in ("error", "warn", "off"):
+        if self.rollout_generation_batch_size is not None and self.rollout_generation_batch_size < 1:
             raise ValueError(
-                f"trb_memory_preflight must be 'error', 'warn' or 'off', got {self.trb_memory_preflight!r}."
+                f"rollout_generation_batch_size must be >= 1 or None, got {self.rollout_generation_batch_size}."
+            )
+        if self.rollout_memory_preflight not in ("error", "warn", "off"):
+            raise ValueError(
+                f"rollout_memory_preflight must be 'error', 'warn' or 'off', got {self.rollout_memory_preflight!r}."
             )
         self._check_policy_fields()
         self._check_rollout_engine_fields()
         self._check_math_eval_fields()
+        self._check_teacher_fields()
         if self.uses_trust_region or self.rollout_policy in ("skd", "temperature"):
             active = "trb_epsilon > 0" if self.uses_trust_region else f"rollout_policy={self.rollout_policy!r}"
             num_beams = (self.generation_kwargs or {}).get("num_beams", 1) or 1
@@ -401,6 +491,72 @@ class TRBDistillConfig(DistillationConfig):
                 )
             if self.temperature <= 0:
                 raise ValueError(f"{active} needs a sampling temperature > 0, got temperature={self.temperature}.")
+
+    @property
+    def teacher_names(self) -> list[str]:
+        """The teachers' names, in `teacher_models` order ([] with a single `teacher_model`)."""
+        return list(self.teacher_models or {})
+
+    @property
+    def routing_teacher(self) -> str | None:
+        """The teacher of rows without a `teacher_id` (None with a single teacher)."""
+        return self.default_teacher or (self.teacher_names[0] if self.teacher_models else None)
+
+    def _check_teacher_fields(self) -> None:
+        """Several teachers: names, the default, their init kwargs, and what they cannot be combined with yet."""
+        if self.teacher_models is None:  # teachers may still come as the trainer's `teacher_models` argument
+            return
+        if not isinstance(self.teacher_models, dict) or not self.teacher_models:
+            raise ValueError(
+                f"teacher_models must be a non-empty mapping {{name: model id or path}}, got {self.teacher_models!r}."
+            )
+        for name, source in self.teacher_models.items():
+            if not isinstance(name, str) or not name.strip() or "/" in name:
+                raise ValueError(f"teacher_models names must be non-empty strings without '/', got {name!r}.")
+            if not isinstance(source, str) or not source:
+                raise ValueError(f"teacher_models[{name!r}] must be a model id or path, got {source!r}.")
+        if self.teacher_model_name_or_path is not None:
+            raise ValueError(
+                "teacher_model_name_or_path and teacher_models are both set; name every teacher in teacher_models "
+                "(a single teacher there is the same as teacher_model_name_or_path)."
+            )
+        if self.default_teacher is not None and self.default_teacher not in self.teacher_models:
+            raise ValueError(
+                f"default_teacher={self.default_teacher!r} is not one of teacher_models ({self.teacher_names})."
+            )
+        extra = self.teacher_models_init_kwargs or {}
+        if not isinstance(extra, dict) or any(not isinstance(value, dict) for value in extra.values()):
+            raise ValueError(f"teacher_models_init_kwargs must be {{name: {{...}}}}, got {extra!r}.")
+        unknown = sorted(set(extra) - set(self.teacher_models))
+        if unknown:
+            raise ValueError(f"teacher_models_init_kwargs names {unknown}, which are not in teacher_models.")
+        if self.sft_warmup_steps > 0:
+            raise ValueError(
+                "teacher_models with sft_warmup_steps > 0 is not supported yet (the SFT phase samples one teacher's "
+                "responses); set sft_warmup_steps=0."
+            )
+        if self.uses_trust_region and self.trb_rollout_engine == "speculative":
+            raise ValueError(
+                "teacher_models with trb_rollout_engine='speculative' is not supported yet (the engine verifies with "
+                "one teacher); use trb_rollout_engine='processor'."
+            )
+
+    def _resolve_renamed_fields(self) -> None:
+        """The old `trb_*` spellings of the shared rollout knobs set the new fields, with a `FutureWarning`; both
+        spellings with different values is an error."""
+        for old, new in RENAMED_FIELDS.items():
+            value = getattr(self, old)
+            if value is None:
+                continue
+            default = type(self).__dataclass_fields__[new].default
+            if getattr(self, new) != default and getattr(self, new) != value:
+                raise ValueError(
+                    f"{old}={value!r} and {new}={getattr(self, new)!r} both set: {old} is the old name of {new}; "
+                    f"keep only {new}."
+                )
+            warnings.warn(f"{old} is deprecated; use {new} (same meaning).", FutureWarning, stacklevel=4)
+            setattr(self, new, value)
+            setattr(self, old, None)
 
     def _check_policy_fields(self) -> None:
         """One clear error per invalid SKD, temperature-warmup, Veto or SFT-warmup value."""
@@ -504,10 +660,16 @@ class TRBDistillConfig(DistillationConfig):
         text = ",".join(str(item).strip() for item in items if str(item).strip())
         if not text:
             raise ValueError("math_eval_benchmarks is empty; name at least one benchmark, or leave it unset (None).")
-        from .evaluation.benchmarks import parse_benchmarks
+        from .evaluation.benchmarks import parse_benchmarks, registry_kind
+        from .evaluation.graders import require_code_execution
 
         try:
             self.math_eval_benchmarks = parse_benchmarks(text)
+            require_code_execution(
+                [(name, registry_kind(name)) for name in self.math_eval_benchmarks],
+                self.math_eval_allow_code_execution,
+                flag="math_eval_allow_code_execution=True",
+            )
         except ValueError as error:
             raise ValueError(f"math_eval_benchmarks: {error}") from None
 

@@ -1,19 +1,13 @@
 import dataclasses
-import functools
-import random
 import textwrap
 
 import torch
 
-from ._compat import DistillationTrainer, divergence_function_replaced
-from .losses.tropd import TrOPDLossSpec, tropd_loss
+from .losses.divergences import reopold_stage
 from .memory_preflight import RolloutPhase
-from .rollout import output_vocab_size
-from .rollout.teacher_prefix import draw_prefix_lengths, generate_teacher_prefixes, teacher_generation_config
 from .schedules import cosine_prefix_length
-from .trb_distill_trainer import ASSUMED_PROMPT_TOKENS, TRBDistillTrainer
+from .trainer_base import ASSUMED_PROMPT_TOKENS, OPDTrainerBase
 from .tropd_config import TrOPDConfig
-from .zero3 import gathered_without_hooks
 
 
 # Token counts summed over a logging window: float64 (exact far past float32's 2**24), float32 where the device has
@@ -40,12 +34,13 @@ _BASELINE_FRACTIONS = {
 }
 
 
-class TrOPDTrainer(TRBDistillTrainer):
+class TrOPDTrainer(OPDTrainerBase):
     r"""
-    [`TRBDistillTrainer`] with TrOPD's loss and off-policy guidance (Trust Region On-Policy Distillation,
-    arXiv 2606.01249).
+    TrOPD's loss and off-policy guidance (Trust Region On-Policy Distillation, arXiv 2606.01249), on the base
+    [`TRBDistillTrainer`] shares ([`OPDTrainerBase`]): the same rollout sources (so a warmup `rollout_policy` such as
+    TRB shapes the student's tokens), with TrOPD's divergence and teacher-prefix source chosen from its config.
 
-    What differs from the parent:
+    What differs from [`TRBDistillTrainer`]:
 
     - The loss. On student tokens x the reward R = log pi_T(x) - log pi_S(x) drives a K1 policy-gradient term inside
       an adaptive trust region: x is trusted with probability min(1, pi_T(x) / pi_S(x)) (a detached draw per token
@@ -99,23 +94,6 @@ class TrOPDTrainer(TRBDistillTrainer):
                 "tropd_guidance does not support tool calling or vision-language models yet (a teacher prefix would "
                 "have to carry tool turns or images); set tropd_guidance=False."
             )
-        self._tropd_spec = TrOPDLossSpec(
-            objective=args.tropd_objective,
-            outlier=args.tropd_outlier,
-            outlier_detection=args.tropd_outlier_detection,
-            threshold=args.tropd_threshold,
-            top_k=args.tropd_top_k,
-            jsd_beta=args.tropd_jsd_beta,
-            guidance_weight=args.tropd_guidance_weight,
-            eopd_entropy_threshold=args.eopd_entropy_threshold,
-            eopd_weight=args.eopd_weight,
-            eopd_top_k=args.eopd_top_k,
-            selection_fraction=args.entropy_selection_fraction,
-            selection_scope=args.entropy_selection_scope,
-            reopold_mixture_weight=args.reopold_mixture_weight,
-        )
-        self._tropd_prefix_lengths: list[int] | None = None
-        self._tropd_records: dict | None = None
         # Per mode ("train", "eval"): this process's sums of `_RECORD_NAMES` since the last log.
         self._tropd_sums: dict[str, torch.Tensor] = {}
 
@@ -135,119 +113,15 @@ class TrOPDTrainer(TRBDistillTrainer):
     def reopold_stage_at(self, step: int) -> str:
         """REOPOLD's stage at optimizer step `step`: `"exploration"` before `reopold_switch_step` (default: half the
         run) with `reopold_schedule="two_stage"`, `"refinement"` otherwise."""
-        args = self.args
-        if args.reopold_schedule != "two_stage":
-            return "refinement"
-        switch = args.reopold_switch_step or (self.state.max_steps or args.max_steps) // 2
-        return "exploration" if step < switch else "refinement"
+        return reopold_stage(self.args, step, self.state.max_steps)
 
-    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, has_tool_images=False):
-        if not self.model.training or not self.args.tropd_guidance:
-            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, has_tool_images)
-        step = self.state.global_step
-        max_length = self.prefix_max_length_at(step)
-        self._metrics["train"]["tropd/prefix_max_length"].append(max_length)
-        if max_length == 0:
-            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, has_tool_images)
-        # A string seed is hashed deterministically: the same draws on a rerun or a resumed run.
-        rng = random.Random(f"tropd-prefix-{self.args.seed}-{step}-{self.accelerator.process_index}")
-        lengths = draw_prefix_lengths(max_length, len(prompt_ids), self.args.tropd_prefix_sampling, rng)
-        prefixes, ended = self._teacher_prefixes(prompt_ids, lengths)
-        # Every row is continued (also those whose prefix already stopped), so that every process runs the same
-        # rollout calls; each row stops once it has generated what its prefix leaves of the completion budget (0 for a
-        # finished row, whose continuation is dropped), and the call ends once every row has.
-        budget = self.args.max_completion_length
-        budgets = [
-            0 if stopped else max(budget - len(prefix), 0) for prefix, stopped in zip(prefixes, ended, strict=True)
-        ]
-        # Rows sorted by budget, so that each call of `trb_generation_batch_size` rows holds prefixes of about one
-        # length: its KV cache spans about prompt + max_completion_length columns and it stops at its rows' budgets,
-        # instead of every call spanning prompt + l_max + max_completion_length (uniform prefix lengths).
-        order = sorted(range(len(budgets)), key=budgets.__getitem__)
-        with self._row_budgets([budgets[row] for row in order]):
-            sorted_continuations = super()._generate_single_turn(
-                [[*prompt_ids[row], *prefixes[row]] for row in order], images, multimodal_fields, has_tool_images
-            )
-        continuations = [None] * len(order)
-        for position, row in enumerate(order):
-            continuations[row] = sorted_continuations[position]
-        # The cut still applies where the budget could not be passed down (a continuation generated by vLLM).
-        completions = [
-            list(prefix) if stopped else [*prefix, *continuation[:row_budget]]
-            for prefix, stopped, continuation, row_budget in zip(prefixes, ended, continuations, budgets, strict=True)
-        ]
-        self._tropd_prefix_lengths = [len(prefix) for prefix in prefixes]
-        return completions
-
-    def _teacher_prefixes(self, prompt_ids: list[list[int]], lengths: list[int]):
-        """Sample each prompt's teacher prefix with the rollout's sampling settings, `trb_generation_batch_size`
-        sequences per `generate` call (the teacher gathered under ZeRO-3, or sharded and synced across processes)."""
-        teacher_stop_ids = self._trb_teacher_eos_token_ids
-        gather = self.args.trb_gather_teacher_for_generation
-        chunk = self.args.trb_generation_batch_size or len(prompt_ids)
-        prefixes, ended = [], []
-        with gathered_without_hooks(self.teacher_model, self.accelerator, gather=gather) as teacher:
-            config = teacher_generation_config(
-                self.generation_config,
-                max_new_tokens=max(1, *lengths),
-                stop_ids=[*teacher_stop_ids, *self._trb_student_stop_ids],
-                pad_token_id=self._tokenizer.pad_token_id,
-                suppress_tokens=list(range(self._trb_vocab_size, output_vocab_size(teacher))),
-            )
-            for start in range(0, len(prompt_ids), chunk):  # the same number of calls on every process
-                chunk_prefixes, chunk_ended = generate_teacher_prefixes(
-                    teacher,
-                    prompt_ids[start : start + chunk],
-                    lengths[start : start + chunk],
-                    config,
-                    student_stop_ids=self._trb_student_stop_ids,
-                    teacher_stop_ids=teacher_stop_ids,
-                    synced_gpus=self._dist.is_zero3 and not gather,
-                )
-                prefixes += chunk_prefixes
-                ended += chunk_ended
-        return prefixes, ended
-
-    def _generate_and_score_completions(self, inputs):
-        self._tropd_prefix_lengths = None
-        output = super()._generate_and_score_completions(inputs)
-        completion_ids = output["completion_ids"]
-        lengths = self._tropd_prefix_lengths or [0] * completion_ids.size(0)
-        positions = torch.arange(completion_ids.size(1), device=completion_ids.device)
-        lengths = torch.tensor(lengths, device=completion_ids.device)
-        # Which completion tokens are teacher prefix; shuffled and split with the rest of the batch.
-        output["tropd_prefix_mask"] = positions.unsqueeze(0) < lengths.unsqueeze(1)
-        return output
-
-    def _trust_draws(self, shape, device) -> torch.Tensor:
-        """Uniform draws deciding each token's trust: a fresh, reproducible stream per process and micro-step."""
-        seed = hash((self.args.seed, self.state.global_step, self._step, self.accelerator.process_index)) % 2**63
-        generator = torch.Generator().manual_seed(seed)
-        return torch.rand(shape, generator=generator).to(device)
-
-    def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
-        completion_ids = inputs["completion_ids"]
-        records = {}
-        stage = self.reopold_stage_at(self.state.global_step)
-        if self.args.reopold_schedule == "two_stage" and self.model.training:
-            self._metrics["train"]["reopold/exploration"].append(float(stage == "exploration"))
-        loss = functools.partial(
-            tropd_loss,
-            completion_ids=completion_ids,
-            is_prefix=inputs.get("tropd_prefix_mask"),
-            trust_draws=self._trust_draws(completion_ids.shape, completion_ids.device),
-            spec=self._tropd_spec,
-            alignment=self._trb_stop_alignment,
-            records_out=records,
-            stage=stage,
-        )
-        with divergence_function_replaced(loss):
-            result = DistillationTrainer._compute_loss(self, unwrapped_student, inputs, num_items_in_batch)
-        self._tropd_records = records
-        return result
+    @property
+    def _tropd_records(self) -> dict | None:
+        """The sums and counts the last micro-batch's loss reported (None before the first)."""
+        return self._last_divergence.records if self._last_divergence is not None else None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        self._tropd_records = None
+        self._last_divergence = None
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         # Outside the wrapped forward, once per micro-batch: this process's sums, with no collective (`log` reduces).
         records = self._tropd_records or {}
@@ -291,7 +165,7 @@ class TrOPDTrainer(TRBDistillTrainer):
 
     def _rollout_memory_phases(self, prompt_tokens: int = ASSUMED_PROMPT_TOKENS) -> list[RolloutPhase]:
         """The parent's phases, plus guidance's: the teacher sampling prefixes of up to `prefix_max_length` tokens (in
-        chunks of `trb_generation_batch_size`), and every HF rollout continuing them, in calls of the same size. Each
+        chunks of `rollout_generation_batch_size`), and every HF rollout continuing them, in calls of the same size. Each
         continuation row stops at its own remaining budget and the rows are sorted by budget, but a call is left-padded
         to its longest prompt + prefix and runs until its largest budget is spent: in the worst case (a call holding
         both a full-length and an empty prefix) it spans prompt + l_max + max_completion_length columns with uniform
@@ -312,7 +186,7 @@ class TrOPDTrainer(TRBDistillTrainer):
             for phase in phases
         ]
         generation_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps
-        chunk = min(generation_batch, args.trb_generation_batch_size or generation_batch)
+        chunk = min(generation_batch, args.rollout_generation_batch_size or generation_batch)
         # Continuations go in calls of `chunk` rows (sorted by budget); the width is still bounded by the worst call.
         continuations = [
             dataclasses.replace(phase, num_sequences=min(phase.num_sequences, chunk)) for phase in continuations

@@ -19,7 +19,7 @@ def _zero3_offload(engine):
     if offload is None or not hasattr(offload, "fwd_pre_hook"):
         raise RuntimeError(
             f"Cannot find the ZeRO-3 parameter offload of {type(engine).__name__}; set "
-            "`trb_gather_teacher_for_generation=False` to step the sharded teacher with the student instead."
+            "`gather_teacher_for_generation=False` to step the sharded teacher with the student instead."
         )
     return offload
 

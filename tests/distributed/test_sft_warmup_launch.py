@@ -38,7 +38,7 @@ def test_sft_warmup_then_opd_under_zero3(tmp_path):
         "2",
         "--rollout_policy",
         "skd",
-        "--trb_gather_teacher_for_generation",
+        "--gather_teacher_for_generation",
         "false",
     ]
     process = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)

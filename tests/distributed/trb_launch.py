@@ -63,7 +63,7 @@ def main():
     from tiny_config import tiny_run_args
     from transformers import AutoTokenizer
 
-    from trb_trl import TRBDistillConfig, TRBDistillTrainer, TrOPDConfig, TrOPDTrainer, tropd_trainer
+    from trb_trl import TRBDistillConfig, TRBDistillTrainer, TrOPDConfig, TrOPDTrainer, trainer_base
     from trb_trl.rollout import SpeculativeBlendingSampler, TeacherGuidedProcessor
 
     if args.naive_teacher_step:
@@ -72,7 +72,7 @@ def main():
     rank = int(os.environ.get("RANK", 0))
     models = Path(args.models)
     prefix_lengths = []  # TrOPD: the prefix lengths this rank drew, per rollout
-    draw_prefix_lengths = tropd_trainer.draw_prefix_lengths
+    draw_prefix_lengths = trainer_base.draw_prefix_lengths
 
     def record_prefix_lengths(max_length, count, *a, **k):
         lengths = draw_prefix_lengths(max_length, count, *a, **k)
@@ -81,7 +81,7 @@ def main():
         prefix_lengths.append(lengths)
         return lengths
 
-    tropd_trainer.draw_prefix_lengths = record_prefix_lengths
+    trainer_base.draw_prefix_lengths = record_prefix_lengths
     tokenizer = AutoTokenizer.from_pretrained(models / "tokenizer")
     prompts = Dataset.from_list([{"prompt": f"w{i} w{i + 1} w{i + 2} w{i % 7}"} for i in range(64)])
     policy = {
@@ -93,7 +93,7 @@ def main():
     config = tiny_run_args(
         args.out,
         TrOPDConfig if args.policy == "tropd" else TRBDistillConfig,
-        trb_gather_teacher_for_generation=args.gather_teacher == "true",
+        gather_teacher_for_generation=args.gather_teacher == "true",
         max_steps=args.max_steps,
         per_device_train_batch_size=2,
         max_completion_length=12,

@@ -17,12 +17,12 @@ per problem, so pass `num_samples` to evaluate it as the papers evaluate their b
 
 import dataclasses
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-KINDS = ("math", "multiple_choice", "instruction_following", "code")
+from .frozen import FrozenMapping, freeze, thaw  # noqa: F401 (re-exported)
+from .kinds import KINDS, kind_module
 
 
 @dataclass(frozen=True)
@@ -277,59 +277,6 @@ LOCAL_LAYOUTS: tuple[tuple[tuple[str, ...], BenchmarkSpec], ...] = (
 )
 
 
-class FrozenMapping(Mapping):
-    """A read-only mapping whose nested dicts, lists and sets are frozen too (dicts to `FrozenMapping`, lists to
-    tuples); picklable and hashable when its values are, unlike `types.MappingProxyType`."""
-
-    __slots__ = ("_data",)
-
-    def __init__(self, data: Mapping | None = None):
-        object.__setattr__(self, "_data", {key: freeze(value) for key, value in dict(data or {}).items()})
-
-    def __getitem__(self, key):
-        return self._data[key]
-
-    def __iter__(self) -> Iterator:
-        return iter(self._data)
-
-    def __len__(self) -> int:
-        return len(self._data)
-
-    def __hash__(self) -> int:
-        return hash(frozenset(self._data.items()))
-
-    def __setattr__(self, name, value):
-        raise AttributeError("FrozenMapping is read-only")
-
-    def __reduce__(self):
-        return FrozenMapping, (self._data,)
-
-    def __repr__(self) -> str:
-        return f"FrozenMapping({self._data!r})"
-
-
-def freeze(value):
-    """`value` with its dicts, lists and sets made immutable (nested ones included)."""
-    if isinstance(value, FrozenMapping):
-        return value
-    if isinstance(value, Mapping):
-        return FrozenMapping(value)
-    if isinstance(value, (list, tuple)):
-        return tuple(freeze(item) for item in value)
-    if isinstance(value, (set, frozenset)):
-        return frozenset(freeze(item) for item in value)
-    return value
-
-
-def thaw(value):
-    """`value` as plain JSON-ready data: mappings to dicts, tuples and sets to lists (the inverse of `freeze`)."""
-    if isinstance(value, Mapping):
-        return {key: thaw(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return [thaw(item) for item in value]
-    return value
-
-
 @dataclass(frozen=True)
 class Problem:
     id: str  # stable within the benchmark: the dataset's id column when it has a unique one, else the row index
@@ -483,8 +430,6 @@ def benchmark_from_dataset(dataset, spec: BenchmarkSpec, *, max_problems: int | 
         ids = [str(index) for index in range(len(dataset))]
     rows = list(range(len(dataset)))
     if spec.kind != "math":  # a kind's module may leave rows out (MMLU-Redux's flawed questions)
-        from .graders import kind_module
-
         rows_to_score = getattr(kind_module(spec.kind), "rows_to_score", None)
         if rows_to_score is not None:
             rows = list(rows_to_score(dataset, spec))
@@ -517,8 +462,6 @@ def problem_from_row(row: Mapping, problem_id: str, spec: BenchmarkSpec) -> Prob
     """One row as a `Problem`, read by its kind: math here (the problem text and the gold answer, post-processed per
     `spec.answer_format`), the other kinds by their modules' `problem_from_row`."""
     if spec.kind != "math":
-        from .graders import kind_module
-
         return kind_module(spec.kind).problem_from_row(row, problem_id, spec)
     where = f"{spec.dataset}, problem {problem_id}"
     problem = row[spec.problem_column]

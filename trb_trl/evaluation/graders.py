@@ -19,13 +19,12 @@ Grading code runs the model's programs on this machine, so it is opt-in: `grader
 Standard library only at import time (the graders of other kinds are imported when first made).
 """
 
-import importlib
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Protocol
 
-from .benchmarks import KINDS
 from .grading import AnswerChecker, Verdict
+from .kinds import KINDS, check_kind, kind_module  # noqa: F401 (re-exported)
 from .prompts import DEFAULT_SYSTEM_PROMPT
 
 
@@ -53,11 +52,6 @@ SYSTEM_PROMPTS: Mapping[str, str | None] = MappingProxyType(
     }
 )
 # The module that reads the rows of each kind but math (`problem_from_row`) and defines its grader.
-KIND_MODULES = {
-    "multiple_choice": "multiple_choice",
-    "instruction_following": "instruction_following",
-    "code": "code_execution",
-}
 KIND_GRADERS = {
     "multiple_choice": "MultipleChoiceGrader",
     "instruction_following": "InstructionFollowingGrader",
@@ -100,25 +94,6 @@ class MathGrader:
     def close(self) -> None:
         if self._owns_checker:  # a checker handed in belongs to its owner (it may grade other runs)
             self.checker.close()
-
-
-def check_kind(kind: str) -> None:
-    if kind not in KINDS:
-        raise ValueError(f"Unknown benchmark kind {kind!r}; the kinds are {', '.join(KINDS)}.")
-
-
-def kind_module(kind: str):
-    """The module that reads and grades `kind` (not math), imported now; a clear `ImportError` if it is missing."""
-    check_kind(kind)
-    name = f"{__package__}.{KIND_MODULES[kind]}"
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as error:
-        if error.name != name:  # the module exists but lacks a dependency: that error says what to install
-            raise
-        raise ImportError(
-            f"{kind} benchmarks are read and graded by {name}, which this installation does not have."
-        ) from error
 
 
 def grader_for(kind: str, **options) -> Grader:

@@ -30,7 +30,7 @@ import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from .benchmarks import FrozenMapping
+from .frozen import FrozenMapping
 
 
 _BOX_COMMAND = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from ..stop_alignment import StopAlignment
-from .projection import TILE_ELEMENTS, full_lm_head, lm_head_backward, reduce_like_trl, row_chunks
+from .drop_in import DivergenceInputs, trl_divergence_drop_in
+from .projection import TILE_ELEMENTS, lm_head_backward, row_chunks
 from .projection import aligned_logprobs as _aligned_logprobs
 from .projection import project as _project
 from .projection import transform as _transform
@@ -155,21 +156,9 @@ class _StopAlignedDivergence(torch.autograd.Function):
         )
 
 
+@trl_divergence_drop_in
 def stop_aligned_divergence_loss(
-    student_hidden_states: torch.Tensor,
-    teacher_hidden_states: torch.Tensor,
-    student_lm_head_weight: torch.Tensor,
-    teacher_lm_head_weight: torch.Tensor,
-    completion_mask: torch.Tensor,
-    beta: float,
-    num_items_in_batch: torch.Tensor | int | None = None,
-    student_lm_head_bias: torch.Tensor | None = None,
-    teacher_lm_head_bias: torch.Tensor | None = None,
-    student_logit_scale: float = 1.0,
-    teacher_logit_scale: float = 1.0,
-    student_final_logit_softcapping: float | None = None,
-    teacher_final_logit_softcapping: float | None = None,
-    temperature: float = 1.0,
+    inputs: DivergenceInputs,
     *,
     alignment: StopAlignment | None = None,
     veto_weight: float = 0.0,
@@ -179,36 +168,25 @@ def stop_aligned_divergence_loss(
     Veto's target when `veto_weight > 0`. See the module docstring."""
     if not (isinstance(veto_weight, int | float) and math.isfinite(veto_weight)) or veto_weight < 0:
         raise ValueError(f"veto_weight must be a finite number >= 0 (0 disables Veto), got {veto_weight}.")
-    # FSDP2: gather each head once, as TRL does
-    student_lm_head_weight, student_lm_head_bias = full_lm_head(
-        student_lm_head_weight, student_lm_head_bias, student_hidden_states.dtype
-    )
-    teacher_lm_head_weight, teacher_lm_head_bias = full_lm_head(
-        teacher_lm_head_weight, teacher_lm_head_bias, teacher_hidden_states.dtype
-    )
+    inputs.gather_heads()
     spec = DivergenceSpec(
         alignment=alignment,
-        beta=float(beta),
-        temperature=float(temperature),
-        student_logit_scale=float(student_logit_scale),
-        teacher_logit_scale=float(teacher_logit_scale),
-        student_softcap=student_final_logit_softcapping,
-        teacher_softcap=teacher_final_logit_softcapping,
+        beta=float(inputs.beta),
+        temperature=float(inputs.temperature),
+        student_logit_scale=float(inputs.student_logit_scale),
+        teacher_logit_scale=float(inputs.teacher_logit_scale),
+        student_softcap=inputs.student_final_logit_softcapping,
+        teacher_softcap=inputs.teacher_final_logit_softcapping,
         veto_weight=float(veto_weight),
     )
-    valid = completion_mask.reshape(-1) != 0
-    num_valid = valid.sum()
-    student_hidden = student_hidden_states.reshape(-1, student_hidden_states.size(-1))[valid]
-    teacher_hidden = teacher_hidden_states.reshape(-1, teacher_hidden_states.size(-1))[valid]
+    _, num_valid, student_hidden, teacher_hidden = inputs.valid_rows()
     divergence, entropy = _StopAlignedDivergence.apply(
         student_hidden,
-        student_lm_head_weight,
-        student_lm_head_bias,
+        inputs.student_lm_head_weight,
+        inputs.student_lm_head_bias,
         teacher_hidden,
-        teacher_lm_head_weight,
-        teacher_lm_head_bias,
+        inputs.teacher_lm_head_weight,
+        inputs.teacher_lm_head_bias,
         spec,
     )
-    loss = divergence.sum()
-    loss = reduce_like_trl(loss, num_valid, num_items_in_batch)
-    return loss, entropy.sum(), num_valid
+    return inputs.reduce(divergence.sum(), num_valid), entropy.sum(), num_valid

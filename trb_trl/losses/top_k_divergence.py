@@ -43,7 +43,8 @@ import math
 import torch
 
 from ..stop_alignment import StopAlignment
-from .projection import LogitSpec, full_lm_head, model_logits, reduce_like_trl, row_chunks
+from .drop_in import DivergenceInputs, trl_divergence_drop_in
+from .projection import model_logits, row_chunks
 from .stop_aligned_divergence import per_token_divergence
 from .token_logprobs import gathered_logprobs, top_k_logprobs
 from .veto import veto_target_logprobs
@@ -53,21 +54,9 @@ from .veto import veto_target_logprobs
 TOP_K_ESTIMATORS = ("policy_gradient", "renormalized")
 
 
+@trl_divergence_drop_in
 def top_k_divergence_loss(
-    student_hidden_states: torch.Tensor,
-    teacher_hidden_states: torch.Tensor,
-    student_lm_head_weight: torch.Tensor,
-    teacher_lm_head_weight: torch.Tensor,
-    completion_mask: torch.Tensor,
-    beta: float,
-    num_items_in_batch: torch.Tensor | int | None = None,
-    student_lm_head_bias: torch.Tensor | None = None,
-    teacher_lm_head_bias: torch.Tensor | None = None,
-    student_logit_scale: float = 1.0,
-    teacher_logit_scale: float = 1.0,
-    student_final_logit_softcapping: float | None = None,
-    teacher_final_logit_softcapping: float | None = None,
-    temperature: float = 1.0,
+    inputs: DivergenceInputs,
     *,
     top_k: int,
     alignment: StopAlignment | None = None,
@@ -84,6 +73,7 @@ def top_k_divergence_loss(
         raise ValueError(f"top_k must be an int >= 1 (the TRB paper uses 16), got {top_k!r}.")
     if estimator not in TOP_K_ESTIMATORS:
         raise ValueError(f"estimator must be one of {list(TOP_K_ESTIMATORS)}, got {estimator!r}.")
+    beta = inputs.beta
     if not 0.0 <= float(beta) <= 1.0:
         raise ValueError(f"beta must be in [0, 1] (1: reverse KL, 0: forward KL), got {beta}.")
     if estimator == "policy_gradient" and float(beta) != 1.0:
@@ -93,32 +83,23 @@ def top_k_divergence_loss(
         )
     if not (isinstance(veto_weight, int | float) and math.isfinite(veto_weight)) or veto_weight < 0:
         raise ValueError(f"veto_weight must be a finite number >= 0 (0 disables Veto), got {veto_weight}.")
-    student_lm_head_weight, student_lm_head_bias = full_lm_head(
-        student_lm_head_weight, student_lm_head_bias, student_hidden_states.dtype
-    )
-    teacher_lm_head_weight, teacher_lm_head_bias = full_lm_head(
-        teacher_lm_head_weight, teacher_lm_head_bias, teacher_hidden_states.dtype
-    )
-    student_spec = LogitSpec(student_logit_scale, student_final_logit_softcapping, temperature, alignment)
-    teacher_spec = LogitSpec(teacher_logit_scale, teacher_final_logit_softcapping, temperature, alignment)
-    vocab_size = int(getattr(student_lm_head_weight, "ds_shape", student_lm_head_weight.shape)[0])
+    inputs.gather_heads()
+    student_spec, teacher_spec = inputs.logit_specs(alignment)
+    vocab_size = inputs.vocab_size
     normalize = "full" if estimator == "policy_gradient" else "subset"
 
-    valid = completion_mask.reshape(-1) != 0
-    num_valid = valid.sum()
-    student_hidden = student_hidden_states.reshape(-1, student_hidden_states.size(-1))[valid]
-    teacher_hidden = teacher_hidden_states.reshape(-1, teacher_hidden_states.size(-1))[valid]
+    _, num_valid, student_hidden, teacher_hidden = inputs.valid_rows()
     support, student_logprobs, entropy = top_k_logprobs(
         student_hidden,
-        student_lm_head_weight,
-        student_lm_head_bias,
+        inputs.student_lm_head_weight,
+        inputs.student_lm_head_bias,
         student_spec,
         vocab_size=vocab_size,
         k=top_k,
         normalize=normalize,
         return_entropy=True,
     )
-    teacher = (teacher_hidden, teacher_lm_head_weight, teacher_lm_head_bias)
+    teacher = (teacher_hidden, inputs.teacher_lm_head_weight, inputs.teacher_lm_head_bias)
     if estimator == "renormalized":
         with torch.no_grad():
             target_logprobs = gathered_logprobs(
@@ -129,7 +110,7 @@ def top_k_divergence_loss(
         loss = per_token_divergence(student_logprobs, target_logprobs, float(beta)).sum()
     else:
         if veto_weight > 0:  # normalised over the whole vocabulary, like the teacher
-            student = (student_hidden, student_lm_head_weight, student_lm_head_bias)
+            student = (student_hidden, inputs.student_lm_head_weight, inputs.student_lm_head_bias)
             target_logprobs = _full_veto_target_at(
                 (*student, student_spec), (*teacher, teacher_spec), support, vocab_size, float(veto_weight)
             )
@@ -137,8 +118,7 @@ def top_k_divergence_loss(
             with torch.no_grad():
                 target_logprobs = gathered_logprobs(*teacher, support, teacher_spec, vocab_size=vocab_size)
         loss = _policy_gradient_loss(student_logprobs, target_logprobs)
-    loss = reduce_like_trl(loss, num_valid, num_items_in_batch)
-    return loss, entropy.sum(), num_valid
+    return inputs.reduce(loss, num_valid), entropy.sum(), num_valid
 
 
 def _policy_gradient_loss(student_logprobs: torch.Tensor, target_logprobs: torch.Tensor) -> torch.Tensor:

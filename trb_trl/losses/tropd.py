@@ -35,8 +35,9 @@ from dataclasses import dataclass
 import torch
 
 from ..stop_alignment import StopAlignment
+from .drop_in import DivergenceInputs, trl_divergence_drop_in
 from .opd_baselines import BASELINE_OBJECTIVES, REOPOLD_STAGES, averages_over_selected, baseline_token_loss
-from .projection import LogitSpec, aligned_ids, full_lm_head, reduce_like_trl
+from .projection import aligned_ids
 from .token_logprobs import gathered_logprobs, teacher_top_k
 from .token_selection import SELECTION_SCOPES
 
@@ -327,21 +328,9 @@ def _accumulate(records_out: dict, records: dict[str, torch.Tensor]):
         records_out[key] = records_out[key] + value if key in records_out else value
 
 
+@trl_divergence_drop_in
 def tropd_loss(
-    student_hidden_states: torch.Tensor,
-    teacher_hidden_states: torch.Tensor,
-    student_lm_head_weight: torch.Tensor,
-    teacher_lm_head_weight: torch.Tensor,
-    completion_mask: torch.Tensor,
-    beta: float,
-    num_items_in_batch: torch.Tensor | int | None = None,
-    student_lm_head_bias: torch.Tensor | None = None,
-    teacher_lm_head_bias: torch.Tensor | None = None,
-    student_logit_scale: float = 1.0,
-    teacher_logit_scale: float = 1.0,
-    student_final_logit_softcapping: float | None = None,
-    teacher_final_logit_softcapping: float | None = None,
-    temperature: float = 1.0,
+    inputs: DivergenceInputs,
     *,
     completion_ids: torch.Tensor,
     trust_draws: torch.Tensor | None = None,
@@ -370,6 +359,7 @@ def tropd_loss(
     """
     if not isinstance(spec, TrOPDLossSpec):
         raise ValueError(f"spec must be a TrOPDLossSpec, got {type(spec)}.")
+    completion_mask = inputs.completion_mask
     shape = tuple(completion_mask.shape)
     for name, tensor in (("completion_ids", completion_ids), ("trust_draws", trust_draws), ("is_prefix", is_prefix)):
         if tensor is not None and tuple(tensor.shape) != shape:
@@ -378,30 +368,21 @@ def tropd_loss(
         raise ValueError(
             "outlier_detection='adaptive' needs trust_draws (uniform in [0, 1), one per completion token)."
         )
-    student_lm_head_weight, student_lm_head_bias = full_lm_head(
-        student_lm_head_weight, student_lm_head_bias, student_hidden_states.dtype
-    )
-    teacher_lm_head_weight, teacher_lm_head_bias = full_lm_head(
-        teacher_lm_head_weight, teacher_lm_head_bias, teacher_hidden_states.dtype
-    )
-    student_spec = LogitSpec(student_logit_scale, student_final_logit_softcapping, temperature, alignment)
-    teacher_spec = LogitSpec(teacher_logit_scale, teacher_final_logit_softcapping, temperature, alignment)
-    vocab_size = int(getattr(student_lm_head_weight, "ds_shape", student_lm_head_weight.shape)[0])
+    inputs.gather_heads()
+    student_spec, teacher_spec = inputs.logit_specs(alignment)
+    vocab_size = inputs.vocab_size
 
-    valid = completion_mask.reshape(-1) != 0
-    num_valid = valid.sum()
-    student_hidden = student_hidden_states.reshape(-1, student_hidden_states.size(-1))[valid]
-    teacher_hidden = teacher_hidden_states.reshape(-1, teacher_hidden_states.size(-1))[valid]
+    valid, num_valid, student_hidden, teacher_hidden = inputs.valid_rows()
     sampled = aligned_ids(completion_ids.reshape(-1)[valid].long().to(student_hidden.device), alignment)
-    rows = torch.arange(completion_mask.shape[0], device=completion_mask.device)[:, None].expand(shape)
+    rows = torch.arange(shape[0], device=completion_mask.device)[:, None].expand(shape)
     flat = {"sequence_ids": rows.reshape(-1)[valid].to(student_hidden.device)}
     for name, tensor in (("trust_draws", trust_draws), ("is_prefix", is_prefix)):
         flat[name] = None if tensor is None else tensor.reshape(-1)[valid].to(student_hidden.device)
 
     top_ids, teacher_top, teacher_sampled, *teacher_entropy = teacher_top_k(
         teacher_hidden,
-        teacher_lm_head_weight,
-        teacher_lm_head_bias,
+        inputs.teacher_lm_head_weight,
+        inputs.teacher_lm_head_bias,
         teacher_spec,
         vocab_size=vocab_size,
         k=spec.top_k_width if spec.needs_top_k else 0,
@@ -410,8 +391,8 @@ def tropd_loss(
     )
     student, entropy = gathered_logprobs(
         student_hidden,
-        student_lm_head_weight,
-        student_lm_head_bias,
+        inputs.student_lm_head_weight,
+        inputs.student_lm_head_bias,
         torch.cat([sampled[:, None], top_ids], dim=1),
         student_spec,
         vocab_size=vocab_size,
@@ -433,6 +414,4 @@ def tropd_loss(
     )
     if records_out is not None:
         _accumulate(records_out, records)
-    loss = per_token.sum()
-    loss = reduce_like_trl(loss, num_valid, num_items_in_batch)
-    return loss, entropy.sum(), num_valid
+    return inputs.reduce(per_token.sum(), num_valid), entropy.sum(), num_valid

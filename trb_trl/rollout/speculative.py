@@ -22,21 +22,16 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple, Protocol
 
 import torch
-from transformers import (
-    GenerationConfig,
-    MinPLogitsWarper,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
+from transformers import GenerationConfig
 
-from ..blending import trust_region_blend
 from ..memory_preflight import count_parameters
 from ..stop_alignment import as_id_list
+from .blending import trust_region_blend
 from .cached_forward import forward_with_cache
 from .statistics import TokenMetric
 from .teacher import output_vocab_size, shared_vocab_size, stop_setup, teacher_vocab_size
 from .trust_region import TrustRegionBlendingProcessor, blend_summary, check_epsilon
+from .warpers import sampling_warpers
 
 
 # Logged next to `TRUST_REGION_METRICS` (prefix `trb/`) for speculative rollouts, over the same tokens. Each row-round
@@ -385,14 +380,7 @@ class SpeculativeBlendingSampler:
                 bans += sequence
         warpers = []
         if do_sample:  # generate's warpers, in generate's order, with its settings
-            if config.temperature is not None and config.temperature != 1.0:
-                warpers.append(TemperatureLogitsWarper(config.temperature))
-            if config.top_k is not None and config.top_k != 0:
-                warpers.append(TopKLogitsWarper(top_k=config.top_k, min_tokens_to_keep=1))
-            if config.top_p is not None and config.top_p < 1.0:
-                warpers.append(TopPLogitsWarper(top_p=config.top_p, min_tokens_to_keep=1))
-            if config.min_p is not None:
-                warpers.append(MinPLogitsWarper(min_p=config.min_p, min_tokens_to_keep=1))
+            warpers = list(sampling_warpers(config.temperature, config.top_k, config.top_p, config.min_p))
         return _Plan(
             do_sample=do_sample,
             warpers=warpers,

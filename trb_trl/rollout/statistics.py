@@ -42,6 +42,8 @@ class RolloutStatistics:
             own, so keeping them does not move the training RNG.
         seed (`int`, *optional*, defaults to `0`):
             Seed of that generator.
+        suffix (`str`, *optional*, defaults to `""`):
+            Appended to every metric name (`"/<teacher>"`: one teacher's rows of a multi-teacher run).
     """
 
     def __init__(
@@ -53,6 +55,7 @@ class RolloutStatistics:
         histogram: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None,
         histogram_samples: int = 0,
         seed: int = 0,
+        suffix: str = "",
     ):
         for metric in metrics:
             if metric.reduction not in ("mean", "min", "max"):
@@ -60,6 +63,7 @@ class RolloutStatistics:
         self.device = torch.device(device)
         self.metrics = tuple(metrics)
         self.prefix = prefix
+        self.suffix = suffix
         self.histogram = histogram
         self.histogram_samples = histogram_samples if histogram is not None else 0
         self._generator = torch.Generator(device="cpu").manual_seed(seed) if self.histogram_samples else None
@@ -131,7 +135,7 @@ class RolloutStatistics:
         tokens_column, *metric_columns = gathered[:, : width - 2].T
         seconds_column, steps_column = gathered[:, width - 2 : width].T
         steps = max(steps_column.max().item(), 1.0)
-        metrics = {f"{self.prefix}/rollout_teacher_seconds": (seconds_column.mean() / steps).item()}
+        metrics = {f"{self.prefix}/rollout_teacher_seconds{self.suffix}": (seconds_column.mean() / steps).item()}
         tokens = tokens_column.sum().item()
         if tokens > 0:
             for metric, column in zip(self.metrics, metric_columns, strict=True):
@@ -141,7 +145,7 @@ class RolloutStatistics:
                     value = column.min().item()
                 else:
                     value = column.max().item()
-                metrics[f"{self.prefix}/{metric.name}"] = value
+                metrics[f"{self.prefix}/{metric.name}{self.suffix}"] = value
         sample = None
         if self.histogram_samples:
             sample = gathered[:, width:].reshape(-1)

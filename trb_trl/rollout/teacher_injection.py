@@ -1,16 +1,10 @@
 """SKD's interleaved teacher injection (Xu et al., arXiv 2410.11325, as the TRB paper uses it as a baseline)."""
 
 import torch
-from transformers import LogitsProcessorList
-from transformers.generation.logits_process import (
-    MinPLogitsWarper,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
 
 from .statistics import TokenMetric
 from .teacher_guided import TeacherGuidedProcessor
+from .warpers import sampling_warpers
 
 
 # The `skd/*` metrics, over the tokens of rows that had not finished.
@@ -75,16 +69,7 @@ class TeacherInjectionProcessor(TeacherGuidedProcessor):
         self.top_k = top_k
         self.teacher_temperature = float(teacher_temperature)
         # generate's own warpers for do_sample=True, num_beams=1, in its order.
-        warpers = LogitsProcessorList()
-        if self.temperature != 1.0:
-            warpers.append(TemperatureLogitsWarper(self.temperature))
-        if top_k_sampling:
-            warpers.append(TopKLogitsWarper(top_k=top_k_sampling))
-        if top_p is not None and top_p < 1.0:
-            warpers.append(TopPLogitsWarper(top_p=top_p))
-        if min_p is not None:
-            warpers.append(MinPLogitsWarper(min_p=min_p))
-        self._student_warpers = warpers
+        self._student_warpers = sampling_warpers(self.temperature, top_k_sampling, top_p, min_p)
 
     @property
     def _teacher_stop_temperature(self) -> float:

@@ -2,7 +2,7 @@
 
 import torch
 
-from ..blending import trust_region_blend
+from .blending import trust_region_blend
 from .statistics import TokenMetric
 from .teacher_guided import TeacherGuidedProcessor
 

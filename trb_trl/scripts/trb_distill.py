@@ -233,8 +233,11 @@ def main(script_args, training_args, model_args, dataset_args):
     else:
         from trb_trl.trb_distill_trainer import TRBDistillTrainer as trainer_class
 
-    if training_args.teacher_model_name_or_path is None:
-        raise ValueError("A teacher model is required. Set `teacher_model_name_or_path` in the recipe or CLI.")
+    if training_args.teacher_model_name_or_path is None and not training_args.teacher_models:
+        raise ValueError(
+            "A teacher model is required. Set `teacher_model_name_or_path` (or `teacher_models` for several teachers) "
+            "in the recipe or CLI."
+        )
     model_init_kwargs = dict(
         revision=model_args.model_revision,
         trust_remote_code=training_args.trust_remote_code,
@@ -257,6 +260,11 @@ def main(script_args, training_args, model_args, dataset_args):
         )
 
     train_dataset, eval_dataset = load_datasets(script_args, training_args, model_args, dataset_args)
+    if training_args.teacher_models:  # an unknown teacher_id fails now, before any model loads
+        from trb_trl.teachers import check_dataset_teacher_ids
+
+        for split, dataset in (("train", train_dataset), ("evaluation", eval_dataset)):
+            check_dataset_teacher_ids(dataset, training_args.teacher_names, training_args.routing_teacher, split=split)
 
     student = model_args.model_name_or_path
     if training_args.sft_warmup_steps > 0:  # phase 1, then OPD from its checkpoint on the same data order
@@ -269,7 +277,7 @@ def main(script_args, training_args, model_args, dataset_args):
 
     trainer = trainer_class(
         model=student,
-        teacher_model=training_args.teacher_model_name_or_path,
+        teacher_model=training_args.teacher_model_name_or_path,  # None with teacher_models (read from the config)
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
