@@ -12,6 +12,6 @@ schema_versions_installed = pytest.mark.skipif(
     reason=(
         f"the shipped option schema was generated with {SCHEMA_VERSIONS}, not the installed "
         f"{config_schema.installed_versions()}: the CLI asks the live parser instead; run "
-        "`python -m trb_trl.config_schema --write` when moving the pins"
+        "`python -m trb_trl.scripts.write_config_schema --write` when moving the pins"
     ),
 )

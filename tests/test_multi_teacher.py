@@ -8,7 +8,7 @@ from datasets import Dataset
 from tiny_config import tiny_run_args
 from transformers import LogitsProcessorList
 
-from trb_trl import TRBDistillConfig, TRBDistillTrainer, TrustRegionBlendingProcessor
+from trb_trl import TRBDistillTrainer, TrustRegionBlendingProcessor
 from trb_trl.rollout.routed import RoutedProcessor
 from trb_trl.teachers import teacher_indices
 from trb_trl.testing import END_OF_TEXT, IM_END, build_constant_teacher, build_tiny_qwen3, build_word_tokenizer
@@ -89,7 +89,9 @@ def test_config_takes_json_from_the_command_line(tmp_path):
 
 def test_each_row_goes_to_its_teacher_and_an_unknown_id_is_an_error():
     assert teacher_indices(["b", None, "a", ""], ["a", "b"], "b") == [1, 1, 0, 1]
-    with pytest.raises(ValueError, match=r"teacher_id is 'physics', which is not one of teacher_models \(\['a', 'b'\]\)"):
+    with pytest.raises(
+        ValueError, match=r"teacher_id is 'physics', which is not one of teacher_models \(\['a', 'b'\]\)"
+    ):
         teacher_indices(["a", "physics"], ["a", "b"], "a")
 
 
@@ -97,7 +99,9 @@ def test_the_multi_teacher_knobs_without_teachers_are_an_error(tokenizer, tmp_pa
     for options in ({"teacher_offload": True}, {"default_teacher": "a"}):
         args = tiny_run_args(tmp_path / "out", rollout_policy="student", **options)
         with pytest.raises(ValueError, match="applies to several teachers, but no teacher_models were given"):
-            TRBDistillTrainer(model="no/such-student", args=args, train_dataset=_families(4), processing_class=tokenizer)
+            TRBDistillTrainer(
+                model="no/such-student", args=args, train_dataset=_families(4), processing_class=tokenizer
+            )
 
 
 def test_an_unknown_teacher_id_fails_before_any_model_loads(tokenizer, tmp_path):
@@ -257,3 +261,44 @@ def test_the_student_matches_each_teacher_on_its_own_family_and_a_single_teacher
     assert before["a"] < 0.5 and before["b"] < 0.5
     assert after["a"] >= 0.9 and after["b"] >= 0.9, after
     assert control["a"] >= 0.9 and control["b"] <= 0.1, control
+
+
+def test_tropd_guidance_takes_each_rows_prefix_from_its_own_teacher(tokenizer, constant_teachers, tmp_path):
+    """TrOPD with two teachers: at step 0 ("max" sampling) every completion is a teacher prefix, X on teacher a's rows
+    and Y on teacher b's; the loss runs per teacher and its records cover every row."""
+    from trb_trl import TrOPDConfig, TrOPDTrainer
+
+    args = tiny_run_args(
+        tmp_path / "out",
+        TrOPDConfig,
+        max_steps=1,
+        max_completion_length=4,
+        per_device_train_batch_size=8,
+        tropd_prefix_sampling="max",
+        tropd_prefix_steps=2,
+    )
+    trainer = TrOPDTrainer(
+        model=_student(tokenizer),
+        args=args,
+        train_dataset=_families(16),
+        processing_class=tokenizer,
+        teacher_models=constant_teachers,
+    )
+    outputs = []
+    original = trainer._generate_and_score_completions
+
+    def spy(inputs):
+        output = original(inputs)
+        outputs.append(output)
+        return output
+
+    trainer._generate_and_score_completions = spy
+    trainer.train()
+    (output,) = outputs
+    x, y = tokenizer.convert_tokens_to_ids([X, Y])
+    for ids, prefix, teacher in zip(
+        output["completion_ids"], output["tropd_prefix_mask"], output["teacher_index"], strict=True
+    ):
+        assert prefix.all() and set(ids.tolist()) == {(x, y)[int(teacher)]}
+    (entry,) = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert entry["tropd/prefix_fraction"] == 1.0 and entry["mopd/a/rows"] == entry["mopd/b/rows"] == 4

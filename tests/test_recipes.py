@@ -68,7 +68,7 @@ def test_recipe_parses_with_no_unknown_keys(recipe, monkeypatch):
     leftover = [arg for arg in config_remaining if arg.startswith("--")]
     assert set(leftover) <= _accelerate_options(), f"unknown keys in {recipe.name}: {leftover}"
     script_args, training_args, model_args, _ = dataclasses
-    assert model_args.model_name_or_path and training_args.teacher_model_name_or_path
+    assert model_args.model_name_or_path and (training_args.teacher_model_name_or_path or training_args.teacher_models)
     if "--accelerate_config" in config_remaining:
         name = config_remaining[config_remaining.index("--accelerate_config") + 1]
         assert (RECIPES / "accelerate" / f"{name}.yaml").is_file()
@@ -215,7 +215,7 @@ def test_qwen3_recipe_comments_match_their_arithmetic():
     """The recipes' comments state 256 sequences per step, 400 steps = one pass over 25,600 prompts x 4 copies, and
     chunks of 8 sequences per TRB `generate` call; check the numbers against the values."""
     names = sorted(path.name for path in RECIPES.glob("qwen3_*.yaml"))
-    assert len(names) == 2 * (2 + len(BASELINES)) + 1  # + qwen3_1p7b_tropd.yaml
+    assert len(names) == 2 * (2 + len(BASELINES)) + 3  # + qwen3_1p7b_tropd.yaml and the two MOPD recipes
     for name in names:
         text = (RECIPES / name).read_text()
         config = yaml.safe_load(text)
@@ -360,3 +360,43 @@ def test_dataset_domain_keeps_the_named_domains_in_their_proportions(tmp_path, m
         load_prompt_dataset(str(path), domain="math,chemistry")
     with pytest.raises(ValueError, match="names no domain"):
         load_prompt_dataset(str(path), domain=" , ")
+
+
+def test_the_multi_teacher_recipe_and_its_control_route_by_domain(monkeypatch):
+    """Two teachers sharing Qwen3's tokenizer, rows routed by OpenThoughts3's `domain`; the control differs only in
+    TRB's warmup."""
+    monkeypatch.setenv("WANDB_PROJECT", "")
+    parsed = {}
+    for name in ("qwen3_1p7b_mopd.yaml", "qwen3_1p7b_mopd_opd.yaml"):
+        argv = ["--config", str(RECIPES / name), "--use_cpu", "true"]
+        parsed[name] = make_parser().parse_args_and_config(argv, return_remaining_strings=True)[:2]
+    script_args, args = parsed["qwen3_1p7b_mopd.yaml"]
+    assert args.teacher_models == {"math": "Qwen/Qwen3-8B", "code": "TIGER-Lab/Critique-Coder-8B"}
+    assert args.teacher_model_name_or_path is None and args.routing_teacher == "math"
+    assert script_args.dataset_domain == "math,code" and script_args.teacher_id_column == "domain"
+    assert args.uses_trust_region and args.gather_teacher_for_generation
+    assert not parsed["qwen3_1p7b_mopd_opd.yaml"][1].uses_trust_region
+    mopd = yaml.safe_load((RECIPES / "qwen3_1p7b_mopd.yaml").read_text())
+    control = yaml.safe_load((RECIPES / "qwen3_1p7b_mopd_opd.yaml").read_text())
+    differing = {key for key in mopd.keys() | control.keys() if mopd.get(key) != control.get(key)}
+    assert differing == {"trb_epsilon", "rollout_generation_batch_size", "output_dir", "run_name"}
+
+
+def test_the_tropd_multi_domain_recipe_is_the_math_recipe_with_its_teacher_and_domains(monkeypatch):
+    monkeypatch.setenv("WANDB_PROJECT", "")
+    single = yaml.safe_load((RECIPES / "deepseek_r1_1p5b_tropd.yaml").read_text())
+    multi = yaml.safe_load((RECIPES / "deepseek_r1_1p5b_tropd_multi_domain.yaml").read_text())
+    assert multi["teacher_model_name_or_path"] == "Skywork/Skywork-OR1-7B"
+    assert multi["dataset_domain"] == "math,code,science" and "system_prompt" not in multi
+    differing = {key for key in single.keys() | multi.keys() if single.get(key) != multi.get(key)}
+    assert differing == {
+        "teacher_model_name_or_path",
+        "dataset_domain",
+        "system_prompt",
+        "math_eval_benchmarks",
+        "output_dir",
+        "run_name",
+    }
+    argv = ["--config", str(RECIPES / "deepseek_r1_1p5b_tropd_multi_domain.yaml"), "--use_cpu", "true"]
+    args = make_parser(trainer="tropd").parse_args_and_config(argv, return_remaining_strings=True)[1]
+    assert args.math_eval_benchmarks == ["aime24", "aime25", "amc23", "gpqa_diamond"]

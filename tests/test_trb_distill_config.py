@@ -112,7 +112,9 @@ def test_the_old_names_of_the_shared_rollout_knobs_still_work_with_a_warning(old
 
 
 def test_a_code_benchmark_in_training_needs_the_opt_in_before_any_model_loads():
-    with pytest.raises(ValueError, match=r"livecodebench_v6: grading code runs .* math_eval_allow_code_execution=True"):
+    with pytest.raises(
+        ValueError, match=r"livecodebench_v6: grading code runs .* math_eval_allow_code_execution=True"
+    ):
         _config(math_eval_benchmarks=["aime24", "livecodebench_v6"])
     allowed = _config(math_eval_benchmarks=["livecodebench_v6"], math_eval_allow_code_execution=True)
     assert allowed.math_eval_benchmarks == ["livecodebench_v6"]

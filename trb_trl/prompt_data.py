@@ -31,13 +31,27 @@ def _user_text(example: dict, prompt_column: str) -> str | list:
     )
 
 
-def to_chat_prompt(example: dict, prompt_column: str = "prompt", system_prompt: str | None = None) -> dict:
-    """Return {"prompt": [messages]} for one example, with `system_prompt` first when given."""
+def to_chat_prompt(
+    example: dict,
+    prompt_column: str = "prompt",
+    system_prompt: str | None = None,
+    teacher_id_column: str | None = None,
+) -> dict:
+    """Return {"prompt": [messages]} for one example, with `system_prompt` first when given; with several teachers,
+    also its `teacher_id` (the value of `teacher_id_column`, or of a `teacher_id` column when the row has one)."""
     text = _user_text(example, prompt_column)
     messages = list(text) if isinstance(text, list) else [{"role": "user", "content": text}]
     if system_prompt and not (messages and messages[0]["role"] == "system"):
         messages = [{"role": "system", "content": system_prompt}, *messages]
-    return {"prompt": messages}
+    row = {"prompt": messages}
+    column = teacher_id_column or "teacher_id"
+    if column in example:
+        row["teacher_id"] = example[column]
+    elif teacher_id_column is not None:
+        raise ValueError(
+            f"teacher_id_column={teacher_id_column!r}, but the rows have no such column ({sorted(example)})."
+        )
+    return row
 
 
 def parse_domains(domain: str | list[str] | tuple[str, ...] | None) -> list[str]:
@@ -63,6 +77,7 @@ def load_prompt_dataset(
     max_prompt_tokens: int | None = None,
     tokenizer=None,
     seed: int = 0,
+    teacher_id_column: str | None = None,
 ) -> Dataset:
     """Load prompts from a local file (`.jsonl`, `.json`, `.parquet`, `.csv`) or a Hub dataset as chat prompts.
 
@@ -100,6 +115,7 @@ def load_prompt_dataset(
         system_prompt=system_prompt,
         description=where,
         max_prompt_tokens=max_prompt_tokens,
+        teacher_id_column=teacher_id_column,
     )
 
 
@@ -178,6 +194,7 @@ def select_prompts(
     system_prompt: str | None = None,
     description: str = "the dataset",
     max_prompt_tokens: int | None = None,
+    teacher_id_column: str | None = None,
 ) -> Dataset:
     """Turn raw rows into chat prompts, keep those `keep` accepts, and (with `num_prompts`) draw exactly that many.
 
@@ -189,7 +206,11 @@ def select_prompts(
     def convert(rows: Dataset) -> Dataset:
         rows = rows.map(
             to_chat_prompt,
-            fn_kwargs={"prompt_column": prompt_column, "system_prompt": system_prompt},
+            fn_kwargs={
+                "prompt_column": prompt_column,
+                "system_prompt": system_prompt,
+                "teacher_id_column": teacher_id_column,
+            },
             remove_columns=rows.column_names,
         )
         return rows.filter(keep) if keep is not None else rows

@@ -37,6 +37,9 @@ CASES = {
         ["--gather-teacher", "false", "--engine", "speculative"],
         3,
     ),
+    # MOPD with TRB warmup: rank 0 has no row of teacher "b" while rank 1 has both. Both teachers are gathered on every
+    # rank for each rollout, and the loss runs teacher "b" on a stand-in row on rank 0: the forwards stay in step.
+    "zero3_two_teachers": (HERE / "zero3_strict_cpu.yaml", ["--gather-teacher", "true", "--two-teachers"], 3),
     "zero2": (HERE / "zero2_cpu.yaml", [], 2),
     # Rank 0 also runs the rollout hook twice per generation, as TRL's tool loop does on a rank with tool calls:
     # the parent has no collective there, so TRB must not add one. The in-training evaluation scores one problem, so
@@ -46,6 +49,7 @@ CASES = {
         ["--extra-rollout-on-rank0", "--math-eval-benchmark", str(HERE / "math_problems.jsonl")],
         0,
     ),
+    "ddp_two_teachers": (REPO / "recipes" / "accelerate" / "ddp_cpu.yaml", ["--two-teachers"], 0),
 }
 
 pytestmark = pytest.mark.slow
@@ -154,6 +158,25 @@ def test_rollout_metrics_are_reduced_across_ranks(results, case):
         assert [sum(lengths) for lengths in ranks[0]["prefix_lengths"]] == [0, 0, 0]
         assert len(ranks[1]["prefix_lengths"]) == 3 and all(sum(lengths) > 0 for lengths in ranks[1]["prefix_lengths"])
         assert all(0 <= entry.get("tropd/trust_fraction", 0) <= 1 for entry in logs)
+
+
+@pytest.mark.parametrize("case", [case for case in CASES if case.endswith("_two_teachers")])
+def test_a_rank_without_rows_of_a_teacher_stays_in_step(results, case):
+    """MOPD: rank 0 routed every row to teacher "a", rank 1 rows to both; training finished with identical replicas
+    (checked above), and every rank logged the same per-teacher numbers, teacher "b"'s coming from rank 1 alone."""
+    process, ranks = results[case]
+    assert process.returncode == 0, process.stderr[-6000:]
+    assert {index for step in ranks[0]["row_teachers"] for index in step} == {0}
+    assert {index for step in ranks[1]["row_teachers"] for index in step} == {0, 1}
+    for a, b in zip(ranks[0]["logs"], ranks[1]["logs"], strict=True):
+        teacher_keys = {k for k in a if k.startswith("mopd/") or k.endswith(("/a", "/b"))}
+        assert teacher_keys and teacher_keys == {k for k in b if k.startswith("mopd/") or k.endswith(("/a", "/b"))}
+        assert {k: a[k] for k in teacher_keys if "seconds" not in k} == pytest.approx(
+            {k: b[k] for k in teacher_keys if "seconds" not in k}
+        )
+        assert a["mopd/b/rows"] > 0 and a["mopd/a/rows"] > a["mopd/b/rows"]  # rank 0's rows are all "a"
+    warmup = ranks[0]["logs"][:2]
+    assert all(0 < entry["trb/beta/mean/b"] <= 1 for entry in warmup)
 
 
 @pytest.mark.parametrize("case", [case for case in CASES if case.startswith("zero3_sharded")])

@@ -48,6 +48,12 @@ def parse_args():
         help="TrOPD: rank 0 draws prefix length 0 for every row (no teacher prefix token), rank 1 draws as usual.",
     )
     parser.add_argument(
+        "--two-teachers",
+        action="store_true",
+        help="MOPD: the teacher under two names, rows routed to 'a' and 'b' by a teacher_id column, except on rank 0, "
+        "whose rows all go to 'a' (it has no row of teacher 'b').",
+    )
+    parser.add_argument(
         "--naive-teacher-step",
         action="store_true",
         help="Negative control: step a sharded teacher from the logits processor (the design that deadlocks).",
@@ -83,7 +89,10 @@ def main():
 
     trainer_base.draw_prefix_lengths = record_prefix_lengths
     tokenizer = AutoTokenizer.from_pretrained(models / "tokenizer")
-    prompts = Dataset.from_list([{"prompt": f"w{i} w{i + 1} w{i + 2} w{i % 7}"} for i in range(64)])
+    prompts = Dataset.from_list(
+        [{"prompt": f"w{i} w{i + 1} w{i + 2} w{i % 7}", **({"teacher_id": "ab"[i % 2]} if args.two_teachers else {})}
+         for i in range(64)]
+    )  # fmt: skip
     policy = {
         "trb": {},
         "skd": {"rollout_policy": "skd", "skd_top_k": 3, "skd_steps": 2},
@@ -114,13 +123,30 @@ def main():
     )
 
     local_rollouts = []
+    teachers = (
+        {"teacher_models": {"a": str(models / "teacher"), "b": str(models / "teacher")}}
+        if args.two_teachers
+        else {"teacher_model": str(models / "teacher")}
+    )
     trainer = (TrOPDTrainer if args.policy == "tropd" else TRBDistillTrainer)(
         model=str(models / "student"),
-        teacher_model=str(models / "teacher"),
         args=config,
         train_dataset=prompts,
         processing_class=tokenizer,
+        **teachers,
     )
+    row_teachers = []  # MOPD: each rollout's row teachers on this rank
+    if args.two_teachers:
+        route = trainer.teacher_set.indices
+
+        def record_route(teacher_ids):
+            indices = route(teacher_ids)
+            if rank == 0:
+                indices = [0] * len(indices)
+            row_teachers.append(indices)
+            return indices
+
+        trainer.teacher_set.indices = record_route
 
     # Record what each `generate` call contributes on this rank, as the trainer folds it into its statistics.
     original_add = trainer._rollout_statistics.add
@@ -214,6 +240,7 @@ def main():
         "greedy_completions": greedy_completions,
         "local_rollouts": local_rollouts,
         "prefix_lengths": prefix_lengths,
+        "row_teachers": row_teachers,
         "logs": [entry for entry in trainer.state.log_history if "loss" in entry],
         "eval_rows": [entry for entry in trainer.state.log_history if "eval_math/mean_pass@1" in entry],
     }

@@ -67,6 +67,10 @@ class TRBScriptArguments(ScriptArguments):
             Keep only rows whose `domain` column is this domain, or one of these comma-separated domains
             (OpenThoughts3: `"math"`, `"code"`, `"science"`; `"math,code,science"` is TrOPD's multi-domain prompt
             set). The kept rows are drawn from in their dataset proportions; a domain no row has is an error.
+        teacher_id_column (`str`, *optional*):
+            With `teacher_models` (several teachers): the column whose value names each row's teacher, e.g.
+            OpenThoughts3's `domain` (`math`, `code`, `science`) with teachers of those names. `None` reads a
+            `teacher_id` column when the dataset has one (rows without it go to `default_teacher`).
         max_train_prompts (`int`, *optional*):
             Train on a random subset (seeded by `seed`) of exactly this many prompts, drawn after `dataset_domain`
             and `max_prompt_tokens` have filtered the split; an error if fewer remain.
@@ -94,6 +98,13 @@ class TRBScriptArguments(ScriptArguments):
         metadata={
             "help": "Keep only rows whose 'domain' column is this, or one of these comma-separated domains (e.g. "
             "'math', or 'math,code,science')."
+        },
+    )
+    teacher_id_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "With teacher_models: the dataset column whose value names each row's teacher (e.g. 'domain'); "
+            "None reads a 'teacher_id' column when there is one."
         },
     )
     max_train_prompts: int | None = field(
@@ -148,6 +159,7 @@ def load_datasets(script_args, training_args, model_args, dataset_args):
         keep=keep,
         seed=training_args.seed,
         prompt_column=script_args.prompt_column,
+        teacher_id_column=script_args.teacher_id_column,
         system_prompt=script_args.system_prompt,
         max_prompt_tokens=script_args.max_prompt_tokens,
     )
@@ -169,6 +181,7 @@ def load_datasets(script_args, training_args, model_args, dataset_args):
         load_options = dict(
             config=script_args.dataset_config,
             prompt_column=script_args.prompt_column,
+            teacher_id_column=script_args.teacher_id_column,
             system_prompt=script_args.system_prompt,
             domain=script_args.dataset_domain,
             max_prompt_tokens=script_args.max_prompt_tokens,
