@@ -212,3 +212,17 @@ def test_cli_sweep_prints_what_it_wrote(tmp_path, capsys):
     assert "unknown method" in capsys.readouterr().err
     assert cli_main(["sweep", str(tmp_path / "missing.yaml"), "--output-dir", str(output)]) == 2
     assert "recipe not found" in capsys.readouterr().err
+
+
+def test_the_tropd_papers_whole_comparison_for_the_deepseek_pair(tmp_path, monkeypatch):
+    """`--methods tropd,tropd_baselines` on the DeepSeek recipe: the ablation table and the main table's other
+    baselines, 13 TrOPD configs on the recipe's own data and budget."""
+    paths = write_sweep(RECIPES / "deepseek_r1_1p5b_tropd.yaml", tmp_path, ["tropd", "tropd_baselines"])
+    assert len(paths) == 13
+    objectives = set()
+    for path in paths:
+        monkeypatch.setenv("WANDB_PROJECT", "")
+        script_args, args = _parse(path)[:2]
+        assert isinstance(args, TrOPDConfig) and args.max_steps == 200 and script_args.dataset_domain == "math"
+        objectives.add((args.tropd_objective, args.reopold_schedule, args.tropd_guidance))
+    assert {("eopd", "single", False), ("entropy_top", "single", False), ("reopold", "two_stage", False)} <= objectives
