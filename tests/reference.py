@@ -79,3 +79,19 @@ def logprobs_reference(hidden, weight, bias=None, *, scale=1.0, softcap=None, te
     logprobs[..., list(alignment.merged_ids)] = float("-inf")
     logprobs[..., alignment.canonical_id] = merged
     return logprobs
+
+
+def problem_logprobs(p, *, temperature=1.0, alignment=None):
+    """The float64 student (with gradient, through `leaves` = hs, ws, bs) and teacher log-probs of a loss test
+    problem `p` (tests/test_tropd_loss.py `_problem`) at its valid completion tokens: `(leaves, valid, student,
+    teacher)`."""
+    leaves = [p[name].clone().requires_grad_(True) for name in ("hs", "ws", "bs")]
+    valid = p["mask"].reshape(-1) != 0
+    student = logprobs_reference(
+        leaves[0].reshape(-1, p["hs"].shape[-1])[valid], leaves[1], leaves[2], temperature=temperature,
+        alignment=alignment,
+    )  # fmt: skip
+    teacher = logprobs_reference(
+        p["ht"].reshape(-1, p["ht"].shape[-1])[valid], p["wt"], temperature=temperature, alignment=alignment
+    )
+    return leaves, valid, student, teacher

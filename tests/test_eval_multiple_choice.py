@@ -586,16 +586,8 @@ def test_multiple_choice_and_amc23_files_end_to_end(tokenizer_dir, tmp_path):
     }
     sampler = ScriptedSampler(script)
     out = tmp_path / "out"
-    results = evaluate(
-        tokenizer_dir,
-        [mc_path, amc_path],
-        output_dir=out,
-        num_samples=2,
-        k=(1, 2),
-        batch_size=4,
-        sampler=sampler,
-        progress=False,
-    )
+    options = dict(output_dir=out, num_samples=2, k=(1, 2), batch_size=4, progress=False)
+    results = evaluate(tokenizer_dir, [mc_path, amc_path], sampler=sampler, **options)
     mc, amc = results["benchmarks"]["gpqa_mini"], results["benchmarks"]["amc_mini"]
     assert mc["pass@1"] == pytest.approx((1 + 0.5 + 0) / 3) and mc["pass@2"] == pytest.approx(2 / 3)
     assert mc["no_answer"] == pytest.approx(2 / 6) and mc["num_correct"] == 3
@@ -633,16 +625,7 @@ def test_multiple_choice_and_amc23_files_end_to_end(tokenizer_dir, tmp_path):
 
     # Resumed with the same settings: nothing generated again, the same scores.
     again = ScriptedSampler({})
-    rerun = evaluate(
-        tokenizer_dir,
-        [mc_path, amc_path],
-        output_dir=out,
-        num_samples=2,
-        k=(1, 2),
-        batch_size=4,
-        sampler=again,
-        progress=False,
-    )
+    rerun = evaluate(tokenizer_dir, [mc_path, amc_path], sampler=again, **options)
     assert again.calls == [] and rerun["benchmarks"]["gpqa_mini"]["pass@1"] == mc["pass@1"]
 
 

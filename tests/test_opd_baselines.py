@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from reference import logprobs_reference
+from reference import problem_logprobs
 from test_tropd_loss import IM_END, QWEN3_ENDOFTEXT, QWEN3_IM_END, QWEN3_V, STOP, _assert_gradients_close, _problem
 
 from trb_trl.losses.opd_baselines import renormalized_top_k_forward_kl, reopold_clip_floor
@@ -33,15 +33,7 @@ def _top_fraction_reference(scores, eligible, groups, fraction):
 
 def _reference(p, spec, *, temperature=1.0, alignment=None, stage="refinement"):
     """float64, one token at a time, straight from the rules; the student's log-probs by autograd."""
-    leaves = [p[name].clone().requires_grad_(True) for name in ("hs", "ws", "bs")]
-    valid = p["mask"].reshape(-1) != 0
-    student = logprobs_reference(
-        leaves[0].reshape(-1, p["hs"].shape[-1])[valid], leaves[1], leaves[2], temperature=temperature,
-        alignment=alignment,
-    )  # fmt: skip
-    teacher = logprobs_reference(
-        p["ht"].reshape(-1, p["ht"].shape[-1])[valid], p["wt"], temperature=temperature, alignment=alignment
-    )
+    leaves, valid, student, teacher = problem_logprobs(p, temperature=temperature, alignment=alignment)
     ids = p["ids"].reshape(-1)[valid].tolist()
     prefix = p["prefix"].reshape(-1)[valid].tolist()
     rows = torch.arange(p["mask"].shape[0])[:, None].expand(p["mask"].shape).reshape(-1)[valid].tolist()

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from reference import logprobs_reference
+from reference import logprobs_reference, problem_logprobs
 
 import trb_trl.losses.projection as projection
 from trb_trl.losses.tropd import TrOPDLossSpec, tropd_loss, tropd_token_loss
@@ -48,15 +48,7 @@ def _problem(vocab=40, hidden=16, tokens=8, *, scale=1.0, seed=0):
 
 def _reference(p, spec, *, temperature=1.0, alignment=None, num_items=None):
     """float64, one token at a time, straight from the rules; the student's log-probs by autograd."""
-    leaves = [p[name].clone().requires_grad_(True) for name in ("hs", "ws", "bs")]
-    valid = p["mask"].reshape(-1) != 0
-    student = logprobs_reference(
-        leaves[0].reshape(-1, p["hs"].shape[-1])[valid], leaves[1], leaves[2], temperature=temperature,
-        alignment=alignment,
-    )  # fmt: skip
-    teacher = logprobs_reference(
-        p["ht"].reshape(-1, p["ht"].shape[-1])[valid], p["wt"], temperature=temperature, alignment=alignment
-    )
+    leaves, valid, student, teacher = problem_logprobs(p, temperature=temperature, alignment=alignment)
     ids = p["ids"].reshape(-1)[valid].tolist()
     prefix, draws = p["prefix"].reshape(-1)[valid].tolist(), p["draws"].reshape(-1)[valid].tolist()
     total, trusted_count, outlier_count = 0.0, 0, 0

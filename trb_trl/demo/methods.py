@@ -64,6 +64,20 @@ def _load(path: str) -> type:
 
 _TROPD_TRAINER, _TROPD_CONFIG = "trb_trl.tropd_trainer:TrOPDTrainer", "trb_trl.tropd_config:TrOPDConfig"
 
+
+def _tropd_baseline_arm(label: str, color: str, objective: str, description: str, metrics: tuple) -> DemoMethod:
+    """An arm of TrOPD's trainer with one of its comparison's objectives, on student rollouts without guidance."""
+    return DemoMethod(
+        label=label,
+        color=color,
+        fields=lambda s: {"rollout_policy": "student", "tropd_objective": objective, "tropd_guidance": False},
+        describe=lambda s: description,
+        metrics=metrics,
+        trainer=_TROPD_TRAINER,
+        config=_TROPD_CONFIG,
+    )
+
+
 METHODS: dict[str, DemoMethod] = {
     "opd": DemoMethod(
         label="vanilla OPD",
@@ -145,32 +159,26 @@ METHODS: dict[str, DemoMethod] = {
         config=_TROPD_CONFIG,
     ),
     # The loss-side baselines of TrOPD's comparison (docs/tropd.md), on student rollouts without guidance; on request.
-    "eopd": DemoMethod(
-        label="EOPD",
-        color="tab:cyan",
-        fields=lambda s: {"rollout_policy": "student", "tropd_objective": "eopd", "tropd_guidance": False},
-        describe=lambda s: "K1 plus a renormalised top-16 forward KL where the teacher's entropy is >= 0.8 nats",
-        metrics=("tropd/switched_fraction",),
-        trainer=_TROPD_TRAINER,
-        config=_TROPD_CONFIG,
+    "eopd": _tropd_baseline_arm(
+        "EOPD",
+        "tab:cyan",
+        "eopd",
+        "K1 plus a renormalised top-16 forward KL where the teacher's entropy is >= 0.8 nats",
+        ("tropd/switched_fraction",),
     ),
-    "entropy_opd": DemoMethod(
-        label="Entropy OPD 20%",
-        color="tab:pink",
-        fields=lambda s: {"rollout_policy": "student", "tropd_objective": "entropy_top", "tropd_guidance": False},
-        describe=lambda s: "K1 on the 20% of tokens of highest student entropy",
-        metrics=("tropd/selected_fraction",),
-        trainer=_TROPD_TRAINER,
-        config=_TROPD_CONFIG,
+    "entropy_opd": _tropd_baseline_arm(
+        "Entropy OPD 20%",
+        "tab:pink",
+        "entropy_top",
+        "K1 on the 20% of tokens of highest student entropy",
+        ("tropd/selected_fraction",),
     ),
-    "reopold": DemoMethod(
-        label="REOPOLD",
-        color="darkgoldenrod",
-        fields=lambda s: {"rollout_policy": "student", "tropd_objective": "reopold", "tropd_guidance": False},
-        describe=lambda s: "K1 with the reward clipped at log(0.3)/0.7, on the 20% of tokens of highest entropy",
-        metrics=("tropd/selected_fraction", "tropd/clipped_fraction"),
-        trainer=_TROPD_TRAINER,
-        config=_TROPD_CONFIG,
+    "reopold": _tropd_baseline_arm(
+        "REOPOLD",
+        "darkgoldenrod",
+        "reopold",
+        "K1 with the reward clipped at log(0.3)/0.7, on the 20% of tokens of highest entropy",
+        ("tropd/selected_fraction", "tropd/clipped_fraction"),
     ),
 }
 
