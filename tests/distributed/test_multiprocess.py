@@ -43,14 +43,14 @@ CASES = {
     "zero2": (HERE / "zero2_cpu.yaml", [], 2),
     # Rank 0 also runs the rollout hook twice per generation, as TRL's tool loop does on a rank with tool calls:
     # the parent has no collective there, so TRB must not add one. The in-training evaluation scores one problem, so
-    # rank 1 has nothing to score.
+    # rank 1 has nothing to score. Two teachers (MOPD), rank 0 with no row of teacher "b", as in zero3_two_teachers.
     "ddp": (
         REPO / "recipes" / "accelerate" / "ddp_cpu.yaml",
-        ["--extra-rollout-on-rank0", "--math-eval-benchmark", str(HERE / "math_problems.jsonl")],
+        ["--extra-rollout-on-rank0", "--math-eval-benchmark", str(HERE / "math_problems.jsonl"), "--two-teachers"],
         0,
     ),
-    "ddp_two_teachers": (REPO / "recipes" / "accelerate" / "ddp_cpu.yaml", ["--two-teachers"], 0),
 }
+TWO_TEACHER_CASES = ("zero3_two_teachers", "ddp")
 
 pytestmark = pytest.mark.slow
 
@@ -160,7 +160,7 @@ def test_rollout_metrics_are_reduced_across_ranks(results, case):
         assert all(0 <= entry.get("tropd/trust_fraction", 0) <= 1 for entry in logs)
 
 
-@pytest.mark.parametrize("case", [case for case in CASES if case.endswith("_two_teachers")])
+@pytest.mark.parametrize("case", TWO_TEACHER_CASES)
 def test_a_rank_without_rows_of_a_teacher_stays_in_step(results, case):
     """MOPD: rank 0 routed every row to teacher "a", rank 1 rows to both; training finished with identical replicas
     (checked above), and every rank logged the same per-teacher numbers, teacher "b"'s coming from rank 1 alone."""
